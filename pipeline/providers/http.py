@@ -1,0 +1,67 @@
+"""The shared HTTP call: one request, every failure turned into a ProviderResult.
+
+Whether a failed request may have been billed matters (we must not submit an image twice when
+once will do), so failures are told apart: a request that never left (connect error or connect
+timeout) is TRANSIENT; one that was sent but whose answer never came (read timeout, connection
+closed mid-answer) is UNKNOWN — recorded as such, and retried only as transient work is.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+from pipeline.providers.base import Outcome, ProviderResult
+
+
+def make_client(timeout: float, transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """The HTTP client of a provider: one pool shared by a worker's threads; connecting may
+    take at most 10 s even when answers may take longer."""
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        transport=transport,
+        headers={"User-Agent": "idocr"},
+    )
+
+
+def post_form(
+    client: httpx.Client, url: str, form: dict[str, str], params: dict[str, str] | None = None
+) -> tuple[Any, ProviderResult | None, int | None]:
+    """POST a form; returns (parsed JSON body, None, status) or (None, failure result, status).
+
+    Exceptions are summarised by class only: httpx messages can echo the request URL, whose
+    query may carry a key (showapi's appKey).
+    """
+    try:
+        resp = client.post(url, data=form, params=params)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        return None, _fail(Outcome.TRANSIENT, "connect", f"connection failed ({type(exc).__name__})"), None
+    except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+        return None, _fail(Outcome.UNKNOWN, "timeout", f"no answer in time ({type(exc).__name__}); the call may have been billed"), None
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        return None, _fail(Outcome.UNKNOWN, "lost", f"connection closed before an answer ({type(exc).__name__}); the call may have been billed"), None
+    except httpx.HTTPError as exc:
+        return None, _fail(Outcome.TRANSIENT, "http", f"HTTP error ({type(exc).__name__})"), None
+    if resp.status_code >= 500:
+        return None, _fail(Outcome.TRANSIENT, f"http_{resp.status_code}", f"server error HTTP {resp.status_code}", resp.status_code), resp.status_code
+    if resp.status_code >= 400:
+        # 4xx from a gateway: our request or our account is wrong; retrying will not help.
+        return None, _fail(Outcome.AUTH if resp.status_code in (401, 403) else Outcome.ERROR, f"http_{resp.status_code}", f"HTTP {resp.status_code} from the provider", resp.status_code), resp.status_code
+    try:
+        body = resp.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        return None, _fail(Outcome.TRANSIENT, "garbage", f"unparseable response body ({len(resp.content)} bytes, HTTP {resp.status_code})", resp.status_code), resp.status_code
+    if not isinstance(body, dict):
+        return None, _fail(Outcome.TRANSIENT, "garbage", "response body is not a JSON object", resp.status_code), resp.status_code
+    return body, None, resp.status_code
+
+
+def _fail(outcome: Outcome, code: str, msg: str, status: int | None = None) -> ProviderResult:
+    return ProviderResult(outcome=outcome, code=code, msg=msg, http_status=status)
+
+
+def now() -> int:
+    return int(time.time())

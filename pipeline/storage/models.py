@@ -1,0 +1,185 @@
+"""The schema: batches, items, attempts, results, and the pause and balance records.
+
+Created only by Alembic migrations (``migrations/``); these models are the source the
+migrations are written from. The naming convention keeps autogenerate deterministic.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# BIGINT keys on PostgreSQL (millions of items per backfill); SQLite only autoincrements INTEGER.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class TimestampMixin:
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class ItemStatus(enum.StrEnum):
+    QUEUED = "queued"  # waiting for a worker (also: put back by a pause)
+    SUBMITTING = "submitting"  # claimed by a worker; provider calls under way
+    PAUSED = "paused"  # found the provider paused: waits, without a message, for the resume
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the provider refused it, or retries ran out
+    REJECTED = "rejected"  # never sent: bad or out-of-limit input
+    DUPLICATE = "duplicate"  # same bytes as another item: never sent, shares its result
+
+
+FINAL_STATUSES = frozenset(
+    {ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.REJECTED, ItemStatus.DUPLICATE}
+)
+
+
+class Batch(TimestampMixin, Base):
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    provider: Mapped[str] = mapped_column(String(32))
+    #: how images reach the provider: "bytes" (the worker sends them) or "url" (a presigned
+    #: URL the provider fetches; the bytes never pass through the worker)
+    via: Mapped[str] = mapped_column(String(8), default="bytes", server_default="bytes")
+
+    items: Mapped[list[Item]] = relationship(back_populates="batch", lazy="raise")
+
+
+class Item(TimestampMixin, Base):
+    __tablename__ = "items"
+    __table_args__ = (
+        # An object is keyed by its path within the source and its content: rescanning adds
+        # nothing, a changed file at the same path is a new item.
+        UniqueConstraint("batch_id", "source_key", "fingerprint"),
+        Index("ix_items_batch_id_status", "batch_id", "status"),
+        # rescans look up what already succeeded by location (key + ETag)
+        Index("ix_items_source_uri", "source_uri"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    source_key: Mapped[str] = mapped_column(Text)
+    source_uri: Mapped[str] = mapped_column(Text)
+    #: "sha256:<hex>" when the bytes were read at scan time, "etag:<etag>" otherwise
+    fingerprint: Mapped[str] = mapped_column(String(160))
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    etag: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.QUEUED)
+    #: why it is not succeeded: a rejection reason ("corrupt", "too_small"…) or an outcome class
+    reason: Mapped[str | None] = mapped_column(String(32))
+    code: Mapped[str | None] = mapped_column(String(32))
+    msg: Mapped[str | None] = mapped_column(Text)
+    ocrid: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("items.id"))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+
+    batch: Mapped[Batch] = relationship(back_populates="items", lazy="raise")
+
+
+class Attempt(Base):
+    """One provider call. ``outcome`` is NULL while the call is in flight: a row left that
+    way by a crash is an attempt whose outcome is unknown (it may have been billed)."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    code: Mapped[str | None] = mapped_column(String(32))
+    msg: Mapped[str | None] = mapped_column(Text)
+    elapsed_ms: Mapped[int | None] = mapped_column(Integer)
+    ocrid: Mapped[str | None] = mapped_column(String(64))
+
+
+class Result(TimestampMixin, Base):
+    """The normalised record of a recognised card, one per succeeded item."""
+
+    __tablename__ = "results"
+
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+    )
+    provider: Mapped[str] = mapped_column(String(32))
+    side: Mapped[str | None] = mapped_column(String(8))
+    name: Mapped[str | None] = mapped_column(Text)
+    gender: Mapped[str | None] = mapped_column(String(8))
+    ethnicity: Mapped[str | None] = mapped_column(String(32))
+    date_of_birth: Mapped[str | None] = mapped_column(String(10))
+    domicile: Mapped[str | None] = mapped_column(Text)
+    id_number: Mapped[str | None] = mapped_column(String(32))
+    issue_authority: Mapped[str | None] = mapped_column(Text)
+    valid_from: Mapped[str | None] = mapped_column(String(10))
+    valid_to: Mapped[str | None] = mapped_column(String(10))
+    quality: Mapped[list[str] | None] = mapped_column(JsonType)
+    checks: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    raw: Mapped[Any] = mapped_column(JsonType)
+
+
+class Pause(Base):
+    """A pause of submissions to one provider account; open while ``resumed_at`` is NULL."""
+
+    __tablename__ = "pauses"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    account: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # quota | auth | clock | operator
+    reason: Mapped[str] = mapped_column(Text)
+    paused_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resumed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resumed_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class BalanceReading(Base):
+    __tablename__ = "balance_readings"
+    __table_args__ = (Index("ix_balance_readings_account_taken", "provider", "account", "taken_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    account: Mapped[str] = mapped_column(String(128))
+    remaining: Mapped[int] = mapped_column(BigInteger)
+    taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

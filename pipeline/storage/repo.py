@@ -1,0 +1,497 @@
+"""Queries and state changes on the schema. Functions take a Session and never commit: the unit
+of work around them does (``pipeline.storage.db.unit_of_work``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    and_,
+    any_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session, aliased
+
+from pipeline.storage.models import (
+    FINAL_STATUSES,
+    Attempt,
+    BalanceReading,
+    Batch,
+    Item,
+    ItemStatus,
+    Pause,
+    Result,
+    utcnow,
+)
+
+#: statuses of an item that will (or did) produce a result other items may share
+_CANONICAL = (ItemStatus.QUEUED, ItemStatus.SUBMITTING, ItemStatus.SUCCEEDED, ItemStatus.PAUSED)
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+def get_or_create_batch(
+    session: Session, batch_id: str, source: str, provider: str, via: str = "bytes"
+) -> tuple[Batch, bool]:
+    """The batch, and whether it was created now."""
+    batch = session.get(Batch, batch_id)
+    if batch is not None:
+        return batch, False
+    batch = Batch(id=batch_id, source=source, provider=provider, via=via)
+    session.add(batch)
+    session.flush()
+    return batch, True
+
+
+def refresh_statistics(session: Session) -> None:
+    """PostgreSQL: let the planner see how big the items table has grown (a backfill adds
+    millions of rows faster than autovacuum analyses them, and stale statistics make it
+    choose the wrong index for the rescan lookups)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("ANALYZE items"))
+
+
+def latest_batch_id(session: Session) -> str | None:
+    return session.scalar(select(Batch.id).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(1))
+
+
+# -- scanning ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class NewItem:
+    source_key: str
+    source_uri: str
+    fingerprint: str
+    sha256: str | None = None
+    size: int | None = None
+    etag: str | None = None
+    status: str = ItemStatus.QUEUED
+    reason: str | None = None
+    msg: str | None = None
+
+
+def one_of(session: Session, column: Any, values: Iterable[Any]) -> Any:
+    """``column IN values``; on PostgreSQL ``= ANY(array)``: one parameter instead of hundreds,
+    so the statement is the same for every chunk and the driver does not re-parse it."""
+    vals = list(values)
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, vals, type_=ARRAY(column.type)))
+    return column.in_(vals)
+
+
+def existing_keys(session: Session, batch_id: str, keys: Sequence[str]) -> set[tuple[str, str]]:
+    rows = session.execute(
+        select(Item.source_key, Item.fingerprint).where(
+            Item.batch_id == batch_id, one_of(session, Item.source_key, keys)
+        )
+    )
+    return {(k, f) for k, f in rows}
+
+
+def canonical_items(session: Session, sha256s: Iterable[str]) -> dict[str, int]:
+    """For each sha256, an item (any batch) whose result it can share: a succeeded one first,
+    else one still on its way. Failed and rejected items are not canonical: the image may be
+    submitted again."""
+    shas = list(set(sha256s))
+    if not shas:
+        return {}
+    rows = session.execute(
+        select(Item.sha256, Item.id, Item.status).where(
+            one_of(session, Item.sha256, shas), Item.status.in_(_CANONICAL), Item.duplicate_of.is_(None)
+        )
+    )
+    best: dict[str, tuple[int, int]] = {}
+    for sha, item_id, status in rows:
+        rank = 0 if status == ItemStatus.SUCCEEDED else 1
+        if sha not in best or (rank, item_id) < best[sha]:
+            best[sha] = (rank, item_id)
+    return {sha: item_id for sha, (_, item_id) in best.items()}
+
+
+#: rejections that depend only on the bytes: the same object is rejected again without a look
+CONTENT_REJECTIONS = frozenset(
+    {"empty", "not_image", "unsupported_format", "corrupt", "too_small", "grayscale", "too_large", "pdf_error"}
+)
+
+
+@dataclass(slots=True)
+class Judged:
+    item_id: int
+    status: str
+    reason: str | None
+    msg: str | None
+    duplicate_of: int | None
+
+
+def judged_at_location(session: Session, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Judged]:
+    """(source_uri, etag) → an earlier item (any batch) of that very object whose outcome
+    carries over: succeeded, a duplicate of one that is, or rejected for its content."""
+    wanted = set(pairs)
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(Item.source_uri, Item.etag, Item.id, Item.status, Item.reason, Item.msg, Item.duplicate_of)
+        .where(
+            one_of(session, Item.source_uri, {u for u, _ in wanted}),
+            Item.status.in_((ItemStatus.SUCCEEDED, ItemStatus.DUPLICATE, ItemStatus.REJECTED)),
+        )
+        .order_by(Item.id)
+    )
+    found: dict[tuple[str, str], Judged] = {}
+    for uri, etag, item_id, status, reason, msg, dup in rows:
+        if (uri, etag) not in wanted:
+            continue
+        if status == ItemStatus.REJECTED and reason not in CONTENT_REJECTIONS:
+            continue
+        prev = found.get((uri, etag))
+        if prev is None or (prev.status != ItemStatus.SUCCEEDED and status == ItemStatus.SUCCEEDED):
+            found[(uri, etag)] = Judged(item_id, status, reason, msg, dup)
+    return found
+
+
+#: why an item is a duplicate
+SAME_CONTENT = "same_content"  # identical bytes (sha256) to another item
+ALREADY_SUCCEEDED = "already_succeeded"  # the same object (location + ETag) was answered before
+
+
+@dataclass(slots=True)
+class Added:
+    id: int
+    source_key: str
+    status: str
+    reason: str | None
+
+
+def add_items(
+    session: Session, batch_id: str, rows: Sequence[NewItem], *, new_batch: bool = False
+) -> list[Added]:
+    """Insert rows not yet in the batch; identical bytes, or an object already answered,
+    become duplicates of that item. Returns what was inserted, in order.
+
+    Core bulk inserts, not ORM objects: a backfill inserts millions of rows. ``new_batch``:
+    the batch was created by this scan, so none of the rows can be in it yet."""
+    present = set() if new_batch else existing_keys(session, batch_id, [r.source_key for r in rows])
+    fresh: list[NewItem] = []
+    seen: set[tuple[str, str]] = set()
+    for r in rows:
+        k = (r.source_key, r.fingerprint)
+        if k not in present and k not in seen:
+            seen.add(k)
+            fresh.append(r)
+    if not fresh:
+        return []
+    canon = canonical_items(
+        session, [r.sha256 for r in fresh if r.sha256 and r.status == ItemStatus.QUEUED]
+    )
+    judged = judged_at_location(
+        session, [(r.source_uri, r.etag) for r in fresh if r.etag and not r.sha256]
+    )
+    now = utcnow()
+    values: list[dict[str, Any]] = []
+    first_here: dict[str, int] = {}  # sha256 → index in values
+    later_copies: list[tuple[int, str]] = []
+    for r in fresh:
+        v: dict[str, Any] = {
+            "batch_id": batch_id, "source_key": r.source_key, "source_uri": r.source_uri,
+            "fingerprint": r.fingerprint, "sha256": r.sha256, "size": r.size, "etag": r.etag,
+            "status": r.status, "reason": r.reason, "msg": r.msg, "attempts": 0,
+            "duplicate_of": None, "created_at": now, "updated_at": now,
+        }
+        if r.status == ItemStatus.QUEUED and r.sha256:
+            if r.sha256 in canon:
+                v.update(status=ItemStatus.DUPLICATE, reason=SAME_CONTENT, duplicate_of=canon[r.sha256])
+            elif r.sha256 in first_here:
+                v.update(status=ItemStatus.DUPLICATE, reason=SAME_CONTENT)
+                later_copies.append((len(values), r.sha256))
+            else:
+                first_here[r.sha256] = len(values)
+        elif r.status == ItemStatus.QUEUED and (j := judged.get((r.source_uri, r.etag))):
+            if j.status == ItemStatus.REJECTED:
+                v.update(status=ItemStatus.REJECTED, reason=j.reason, msg=j.msg)
+            else:
+                v.update(status=ItemStatus.DUPLICATE, reason=ALREADY_SUCCEEDED,
+                         duplicate_of=j.duplicate_of or j.item_id)
+        values.append(v)
+    ids = list(session.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), values))
+    if later_copies:
+        # copies of an image first seen in this chunk point at it now that it has an id
+        for index, sha in later_copies:
+            session.execute(
+                update(Item).where(Item.id == ids[index])
+                .values(duplicate_of=ids[first_here[sha]])
+                .execution_options(synchronize_session=False)
+            )
+    return [Added(i, v["source_key"], v["status"], v["reason"]) for i, v in zip(ids, values, strict=True)]
+
+
+# -- processing --------------------------------------------------------------------------------
+
+
+def _claimable(stale_before: datetime | None) -> Any:
+    cond = Item.status == ItemStatus.QUEUED
+    if stale_before is not None:
+        # claimed by a worker that has not been heard of since: it died mid-task
+        cond = or_(cond, and_(Item.status == ItemStatus.SUBMITTING, Item.claimed_at < stale_before))
+    return cond
+
+
+def claim(session: Session, item_id: int, worker: str, stale_before: datetime | None = None) -> Item | None:
+    """Compare-and-set queued → submitting. A second delivery of the same message finds the item
+    taken and gets None: it must not call the provider.
+
+    ``stale_before``: an item claimed before then whose worker never finished it (a crash, a
+    killed container) may be claimed again; a call it had in flight is closed as ``unknown``
+    (it may have been billed)."""
+    now = utcnow()
+    res = session.execute(
+        update(Item)
+        .where(Item.id == item_id, _claimable(stale_before))
+        .values(status=ItemStatus.SUBMITTING, claimed_at=now, claimed_by=worker[:128], updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return None
+    session.execute(
+        update(Attempt)
+        .where(Attempt.item_id == item_id, Attempt.outcome.is_(None))
+        .values(outcome="unknown", finished_at=now,
+                msg="the worker was lost during this call; it may have been billed")
+        .execution_options(synchronize_session=False)
+    )
+    return session.get(Item, item_id, populate_existing=True)
+
+
+def requeue_failed(session: Session, batch_id: str, reasons: Sequence[str] = ("transient",)) -> list[int]:
+    """failed → queued for items that failed for one of ``reasons`` (by default: retries ran
+    out on transient errors; an image the provider refused stays failed)."""
+    ids = list(
+        session.scalars(
+            select(Item.id).where(
+                Item.batch_id == batch_id, Item.status == ItemStatus.FAILED, Item.reason.in_(reasons)
+            )
+        )
+    )
+    if ids:
+        session.execute(
+            update(Item)
+            .where(Item.id.in_(ids))
+            .values(status=ItemStatus.QUEUED, reason=None, code=None, msg=None, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def batch_via(session: Session, batch_id: str) -> str:
+    return session.scalar(select(Batch.via).where(Batch.id == batch_id)) or "bytes"
+
+
+def set_status(session: Session, item_id: int, status: str, **values: Any) -> None:
+    session.execute(
+        update(Item)
+        .where(Item.id == item_id)
+        .values(status=status, updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def start_attempt(session: Session, item_id: int, number: int, provider: str) -> Attempt:
+    attempt = Attempt(item_id=item_id, number=number, provider=provider, started_at=utcnow())
+    session.add(attempt)
+    session.flush()
+    return attempt
+
+
+def delete_attempt(session: Session, attempt_id: int) -> None:
+    attempt = session.get(Attempt, attempt_id)
+    if attempt is not None:
+        session.delete(attempt)
+        session.execute(
+            update(Item).where(Item.id == attempt.item_id, Item.attempts > 0)
+            .values(attempts=Item.attempts - 1).execution_options(synchronize_session=False)
+        )
+
+
+def finish_attempt(
+    session: Session,
+    attempt_id: int,
+    *,
+    outcome: str,
+    code: str | None,
+    msg: str | None,
+    http_status: int | None,
+    elapsed_ms: int,
+    ocrid: str | None,
+) -> None:
+    session.execute(
+        update(Attempt)
+        .where(Attempt.id == attempt_id)
+        .values(
+            outcome=outcome,
+            code=code,
+            msg=msg,
+            http_status=http_status,
+            elapsed_ms=elapsed_ms,
+            ocrid=ocrid,
+            finished_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def save_result(session: Session, result: Result) -> None:
+    session.merge(result)
+
+
+def count_billable_attempts(session: Session, item_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(Attempt).where(Attempt.item_id == item_id)) or 0
+
+
+# -- pauses and balance --------------------------------------------------------------------------
+
+
+def open_pause(session: Session, provider: str, account: str) -> Pause | None:
+    return session.scalar(
+        select(Pause)
+        .where(Pause.provider == provider, Pause.account == account, Pause.resumed_at.is_(None))
+        .order_by(Pause.paused_at.desc())
+        .limit(1)
+    )
+
+
+def park_if_paused(session: Session, item_id: int, provider: str, account: str, **values: Any) -> bool:
+    """Set the item ``paused`` if a pause is open, holding a share lock on the pause row until
+    the commit: a resume (which updates that row) waits for us, then finds the item parked."""
+    pause_id = session.scalar(
+        select(Pause.id)
+        .where(Pause.provider == provider, Pause.account == account, Pause.resumed_at.is_(None))
+        .limit(1)
+        .with_for_update(read=True)
+    )
+    if pause_id is None:
+        return False
+    set_status(session, item_id, ItemStatus.PAUSED, **values)
+    return True
+
+
+def add_pause(session: Session, provider: str, account: str, kind: str, reason: str) -> Pause:
+    existing = open_pause(session, provider, account)
+    if existing is not None:
+        return existing
+    pause = Pause(provider=provider, account=account, kind=kind, reason=reason, paused_at=utcnow())
+    session.add(pause)
+    session.flush()
+    return pause
+
+
+def close_pauses(session: Session, provider: str, account: str, by: str) -> int:
+    res = session.execute(
+        update(Pause)
+        .where(Pause.provider == provider, Pause.account == account, Pause.resumed_at.is_(None))
+        .values(resumed_at=utcnow(), resumed_by=by)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount or 0
+
+
+def unpause_items(session: Session, provider: str, limit: int | None = None) -> list[int]:
+    """paused → queued for the provider's batches; returns the ids to enqueue again."""
+    q = (
+        select(Item.id)
+        .join(Batch, Batch.id == Item.batch_id)
+        .where(Item.status == ItemStatus.PAUSED, Batch.provider == provider)
+        .order_by(Item.id)
+    )
+    if limit:
+        q = q.limit(limit)
+    ids = list(session.scalars(q))
+    if ids:
+        session.execute(
+            update(Item)
+            .where(Item.id.in_(ids), Item.status == ItemStatus.PAUSED)
+            .values(status=ItemStatus.QUEUED, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def add_balance_reading(session: Session, provider: str, account: str, remaining: int) -> None:
+    session.add(BalanceReading(provider=provider, account=account, remaining=remaining, taken_at=utcnow()))
+
+
+def last_balance(session: Session, provider: str, account: str) -> BalanceReading | None:
+    return session.scalar(
+        select(BalanceReading)
+        .where(BalanceReading.provider == provider, BalanceReading.account == account)
+        .order_by(BalanceReading.taken_at.desc(), BalanceReading.id.desc())
+        .limit(1)
+    )
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def status_counts(session: Session, batch_id: str) -> dict[str, int]:
+    rows = session.execute(
+        select(Item.status, func.count()).where(Item.batch_id == batch_id).group_by(Item.status)
+    )
+    return {status: n for status, n in rows}
+
+
+def code_counts(session: Session, batch_id: str) -> dict[tuple[str, str], int]:
+    """(status, code-or-reason) → count, for the summary."""
+    # a literal, not a bound parameter: PostgreSQL must see the same expression in GROUP BY
+    label = func.coalesce(Item.code, Item.reason, literal_column("''"))
+    rows = session.execute(
+        select(Item.status, label, func.count())
+        .where(Item.batch_id == batch_id)
+        .group_by(Item.status, label)
+    )
+    return {(s, c): n for s, c, n in rows}
+
+
+def pending_count(session: Session, batch_id: str) -> int:
+    """Items of the batch not in a final state, counting duplicates whose original is not."""
+    canon = aliased(Item)
+    own = session.scalar(
+        select(func.count()).where(Item.batch_id == batch_id, Item.status.not_in(FINAL_STATUSES))
+    ) or 0
+    via = session.scalar(
+        select(func.count())
+        .select_from(Item)
+        .join(canon, and_(canon.id == Item.duplicate_of))
+        .where(
+            Item.batch_id == batch_id,
+            Item.status == ItemStatus.DUPLICATE,
+            canon.status.not_in(FINAL_STATUSES),
+        )
+    ) or 0
+    return own + via
+
+
+def claimable_ids(
+    session: Session, batch_id: str, stale_before: datetime | None = None, after_id: int = 0, limit: int = 1000
+) -> list[int]:
+    """Items of the batch a message may be (re)sent for: queued, or stale claims."""
+    return list(
+        session.scalars(
+            select(Item.id)
+            .where(Item.batch_id == batch_id, _claimable(stale_before), Item.id > after_id)
+            .order_by(Item.id)
+            .limit(limit)
+        )
+    )
+
+

@@ -1,0 +1,144 @@
+"""Shared fixtures: real databases (SQLite file, PostgreSQL), real Redis, the sandbox.
+
+PostgreSQL: one migrated template database per session; every test that asks for it gets a
+fresh copy (CREATE DATABASE … TEMPLATE), dropped afterwards. Redis: a database number of its
+own, flushed before each test that uses it. Both servers must be running (CI starts them):
+a test that needs one fails rather than skips when it is down.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from pipeline.config import reset_settings
+from pipeline.storage.db import upgrade
+from tests.s3server import s3_bucket_fixture, s3_server_fixture  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+PG_ADMIN_URL = os.environ.get("IDOCR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# a database number of this test process's own (1-15): two test runs on one machine do not
+# flush each other's keys
+REDIS_TEST_URL = os.environ.get("IDOCR_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
+
+
+def _pg_url(db: str) -> str:
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{db}"
+
+
+def _pg_admin():  # type: ignore[no-untyped-def]
+    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    name = f"idocr_tpl_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = _pg_admin()
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - the environment, not the code
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not usable: {exc}")
+    url = _pg_url(name)
+    upgrade(url)
+    from pipeline.storage.db import engine_for
+
+    engine_for(url).dispose()
+    yield name
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    name = f"idocr_t_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = _pg_admin()
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"'))
+    url = _pg_url(name)
+    yield url
+    from pipeline.storage.db import engine_for
+
+    engine_for(url).dispose()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'idocr.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A migrated, empty database: the test runs once on each backend."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:  # pragma: no cover - the environment
+        pytest.fail(f"Redis at {REDIS_TEST_URL} is not usable: {exc}")
+    yield REDIS_TEST_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No IDOCR_* from the outside; a fresh data dir; settings re-read."""
+    for k in list(os.environ):
+        if k.startswith("IDOCR_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("IDOCR_DATA_DIR", str(tmp_path / ".idocr"))
+    reset_settings()
+    yield tmp_path
+    reset_settings()
+
+
+@pytest.fixture
+def sandbox_factory():  # type: ignore[no-untyped-def]
+    """Start sandboxes (real HTTP on 127.0.0.1) answering from the examples' truth."""
+    from pipeline.sandbox.server import SandboxConfig, SandboxServer
+    from pipeline.sandbox.truth import TruthIndex
+
+    started = []
+
+    def make(truth: TruthIndex | None = None, **config: object) -> SandboxServer:
+        index = truth if truth is not None else TruthIndex.load(EXAMPLES / "truth.json")
+        server = SandboxServer(index, SandboxConfig(**config))  # type: ignore[arg-type]
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def idocr_env(**extra: str) -> dict[str, str]:
+    """The environment for an `idocr` subprocess: ours minus IDOCR_*, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDOCR_")}
+    env.update(extra)
+    return env
+
+
+IDOCR = [sys.executable, "-m", "pipeline.cli"]

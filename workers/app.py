@@ -1,0 +1,74 @@
+"""The Celery app: ``celery -A workers.app worker`` (or ``idocr worker``).
+
+Results live in SQL, so there is no result backend. Messages are acknowledged late and one is
+prefetched at a time: a worker that dies mid-task hands its message back, and the item's
+compare-and-set claim makes sure a redelivery never pays twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from celery import Celery, signals
+
+from pipeline.config import get_settings
+from pipeline.redisconn import broker_url
+
+settings = get_settings()
+
+# A thread whose rate-limiter slot has come must send at once: other threads of the pool
+# decoding images or talking to the database hold the GIL for up to the switch interval
+# (5 ms by default), and that delay shifts calls within the provider's one-second windows.
+sys.setswitchinterval(0.001)
+
+app = Celery("idocr", include=["workers.tasks"])
+app.conf.update(
+    broker_url=broker_url(settings),
+    broker_connection_retry_on_startup=True,
+    # A task may wait on the rate limiter and retry with backoff; a message is redelivered only
+    # when its worker is gone for this long (the claim stops a second payment anyway).
+    broker_transport_options={"visibility_timeout": 3600},
+    result_backend=None,
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    # The work is waiting on the provider (HTTP), the rate limiter and the database: threads
+    # keep many calls in flight per process at little memory. `-P prefork` still works.
+    worker_pool="threads",
+    worker_concurrency=settings.concurrency,
+    task_default_queue=settings.queue,
+    task_routes={"idocr.ocr.*": {"queue": settings.queue}, "idocr.balance.*": {"queue": f"{settings.queue}.control"}},
+    task_serializer="json",
+    accept_content=["json"],
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    beat_schedule={
+        "balance-check": {"task": "idocr.balance.check", "schedule": settings.balance_interval},
+    },
+)
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _mask_pii(logger: logging.Logger, **_: object) -> None:
+    # ID numbers can reach a log line through a file name or a provider message
+    from pipeline.validation import PIIFilter
+
+    for handler in logger.handlers:
+        handler.addFilter(PIIFilter())
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    # Connections made by the parent (schema check, Redis) must not be shared with children.
+    from pipeline.redisconn import reset_clients
+    from pipeline.storage.db import engine_for
+
+    for url in (settings.resolved_database_url,):
+        engine_for(url).dispose(close=False)
+    reset_clients()
+    from workers import tasks
+
+    tasks.reset()

@@ -1,0 +1,84 @@
+"""Task functions: thin, each one calls into ``pipeline``. Names are explicit and dotted."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import signals
+
+from pipeline.processing import Processor
+from workers.app import app, settings
+
+log = logging.getLogger(__name__)
+
+_processor: Processor | None = None
+_lock = threading.Lock()
+
+
+def reset() -> None:
+    global _processor
+    _processor = None
+
+
+def _on_pause(kind: str, reason: str) -> None:
+    # Stop every worker consuming the OCR queue; each task also checks the gate, so prefetched
+    # messages and workers that start later respect the pause too.
+    from pipeline.queueing import broadcast_consume
+
+    try:
+        broadcast_consume(False)
+    except Exception:  # broadcast is an optimisation; the gate is the guarantee
+        log.warning("could not broadcast cancel_consumer for %s", settings.queue, exc_info=True)
+
+
+def processor() -> Processor:
+    global _processor
+    with _lock:  # one per process, shared by the pool's threads
+        if _processor is None:
+            from pipeline.runtime import build_processor
+
+            _processor = build_processor(settings, on_pause=_on_pause)
+        return _processor
+
+
+@signals.worker_ready.connect
+def _warm_up(**_: object) -> None:
+    # Build the processor, and pay the one-off costs (imports, the ID-number region table,
+    # image codecs, first connections) before the first task: paid inside a task they would
+    # hold up the pool's other threads just as their rate-limiter slots come due.
+    try:
+        from datetime import date
+
+        from PIL import Image
+
+        from pipeline.validation import check_fields
+
+        Image.init()
+        check_fields("front", {"id_number": "11010519491231002X"}, today=date.today())
+        p = processor()
+        from pipeline.storage import repo
+        from pipeline.storage.db import unit_of_work
+
+        with unit_of_work(p.db) as s:
+            repo.open_pause(s, p.provider.name, p.provider.account)
+        # A balance reading (free: GetNum bills nothing) primes the quota ledger before the
+        # first submission and opens the connection to the provider.
+        if p.quota is not None and p.quota.snapshot().remaining is None:
+            from pipeline.control import check_balance
+
+            check_balance(settings, p.provider)
+    except Exception:
+        log.warning("worker warm-up failed; tasks will try again", exc_info=True)
+
+
+@app.task(name="idocr.ocr.submit", acks_late=True, ignore_result=True)
+def submit(item_id: int) -> str:
+    return processor().process(int(item_id))
+
+
+@app.task(name="idocr.balance.check", ignore_result=True)
+def balance_check() -> None:
+    from pipeline.control import check_balance
+
+    check_balance(settings, processor().provider)
