@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -10,6 +11,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 
@@ -18,14 +20,28 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     # Several worker processes write one SQLite file: WAL lets readers go on while one writes,
     # busy_timeout makes writers wait for each other instead of failing.
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=60000")
+    if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() not in ("wal", "memory"):
+        _switch_to_wal(cur)
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
     # Let SQLAlchemy emit BEGIN itself (below); pysqlite's own transaction handling would
     # start deferred transactions that fail instead of waiting when they upgrade to write.
     dbapi_conn.isolation_level = None
+
+
+@retry(
+    retry=retry_if_exception(lambda e: isinstance(e, sqlite3.OperationalError) and "locked" in str(e)),
+    wait=wait_random_exponential(multiplier=0.02, max=0.5),
+    stop=stop_after_delay(60),
+    reraise=True,
+)
+def _switch_to_wal(cur) -> None:  # type: ignore[no-untyped-def]
+    # The switch needs the file to itself and SQLite answers "locked" at once, without its busy
+    # handler, when another connection reads it meanwhile (two commands opening a new database
+    # together); it is persistent, so it is done once per file and retried until it is.
+    cur.execute("PRAGMA journal_mode=WAL")
 
 
 def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
