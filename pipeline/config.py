@@ -101,12 +101,18 @@ class Settings(BaseSettings):
     max_attempts: int = 5
     retry_initial: float = 1.0
     retry_max: float = 30.0
-    #: Global submissions per second per provider account, shared by every worker.
     #: An item claimed by a worker that has made no call for this long is claimed again (the
     #: worker died); longer than any call with its retries.
     claim_lease: float = 900.0
+    #: Global submissions per second per provider account, shared by every worker.
     rate_limit: float = 10.0
     rate_burst: int = 1
+    #: Seconds of arrival jitter absorbed: calls are spaced (1 + margin)/rate apart, so calls
+    #: reaching the provider up to this much early or late still count at most rate per second.
+    rate_margin: float = 0.015
+    #: The same for the first second after the limiter was idle, when every worker wakes at once
+    #: and the first calls leave late.
+    rate_start_margin: float = 0.1
     #: Below this many remaining calls (balance reading minus calls in flight) submissions
     #: pause before the provider refuses; they resume above quota_resume_watermark.
     quota_low_watermark: int = 0
@@ -131,6 +137,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.rate_limit <= 0:
             raise ConfigError("IDOCR_RATE_LIMIT must be a positive number of calls per second")
+        for name in ("rate_margin", "rate_start_margin"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"IDOCR_{name.upper()} must be at least 0 and below 1 (seconds)")
         if self.max_attempts < 1:
             raise ConfigError("IDOCR_MAX_ATTEMPTS must be at least 1")
         return self

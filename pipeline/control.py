@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pipeline.config import Settings
 from pipeline.providers.base import BalanceError, Outcome, Provider
 from pipeline.quota import QuotaLedger
-from pipeline.ratelimit import RateLimiter, rate_key
+from pipeline.ratelimit import RateLimiter
 from pipeline.redisconn import redis_client
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
@@ -126,8 +126,9 @@ def _check_balance(
     ledger = QuotaLedger(redis_client(settings), provider.name, provider.account,
                          low_watermark=settings.quota_low_watermark)
     mark = ledger.billed_mark()  # calls committed while the query is under way are subtracted
-    limiter = RateLimiter(redis_client(settings), rate_key(provider.name, provider.account),
-                          settings.rate_limit, settings.rate_burst)
+    from pipeline.runtime import provider_limiter
+
+    limiter = provider_limiter(settings, provider)
     try:
         remaining = _balance(provider, limiter)
     except BalanceError as exc:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
@@ -218,6 +218,7 @@ class Processor:
     def _submit(self, item_id: int, payload: ImagePayload, digest: str | None) -> str:
         calls = 0
         clock_resigned = False
+        call = self.provider.prepare(payload)  # encoded once; every send signs it anew
 
         retrying = Retrying(
             stop=stop_after_attempt(self.retry.max_attempts),
@@ -230,7 +231,7 @@ class Processor:
             for attempt in retrying:
                 with attempt:
                     calls += 1
-                    result = self._call_once(item_id, calls, payload)
+                    result = self._call_once(item_id, calls, call)
                     if result.outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN):
                         raise _Again(result)
                     if result.outcome is Outcome.CLOCK and not clock_resigned:
@@ -262,7 +263,7 @@ class Processor:
             ocrid=result.ocrid, sha256=digest,
         )
 
-    def _call_once(self, item_id: int, number: int, payload: ImagePayload) -> ProviderResult:
+    def _call_once(self, item_id: int, number: int, call: Any) -> ProviderResult:
         self._check_gate()
         reservation = None
         if self.quota is not None:
@@ -290,7 +291,7 @@ class Processor:
         started = time.monotonic()
         result: ProviderResult | None = None
         try:
-            result = self.provider.submit(payload)
+            result = self.provider.send(call)
         finally:
             if reservation is not None:
                 # no result means the client itself blew up mid-call: count it as billed

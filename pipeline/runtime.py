@@ -125,6 +125,14 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def provider_limiter(settings: Settings, provider: Provider) -> RateLimiter:
+    """The one rate limiter of a provider account: submissions and balance queries share it."""
+    return RateLimiter(
+        redis_client(settings), rate_key(provider.name, provider.account), settings.rate_limit,
+        settings.rate_burst, margin=settings.rate_margin, start_margin=settings.rate_start_margin,
+    )
+
+
 def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | None = None) -> Processor:
     provider = build_provider(settings)
     r = redis_client(settings)
@@ -134,7 +142,7 @@ def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | N
         limits=image_limits(settings),
         retry=RetryPolicy(settings.max_attempts, settings.retry_initial, settings.retry_max),
         worker_id=worker_id(),
-        limiter=RateLimiter(r, rate_key(provider.name, provider.account), settings.rate_limit, settings.rate_burst),
+        limiter=provider_limiter(settings, provider),
         quota=QuotaLedger(r, provider.name, provider.account, low_watermark=settings.quota_low_watermark),
         quota_exhausted=QuotaExhausted,
         on_pause=on_pause,

@@ -93,7 +93,18 @@ class Provider(Protocol):
     #: the account the rate limit and quota are kept for (never the key)
     account: str
 
-    def submit(self, image: ImagePayload) -> ProviderResult: ...
+    def submit(self, image: ImagePayload) -> ProviderResult:
+        """``send(prepare(image))``."""
+        ...
+
+    def prepare(self, image: ImagePayload) -> Any:
+        """The request with its costly part done (encoding the image), made before the
+        rate-limiter slot so that little work lies between the slot and the send."""
+        ...
+
+    def send(self, call: Any) -> ProviderResult:
+        """Send a prepared request (signed anew, with a fresh time, at every send)."""
+        ...
 
     def balance(self) -> int | None: ...
 

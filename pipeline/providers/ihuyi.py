@@ -8,7 +8,9 @@ taxonomy of :class:`~pipeline.providers.base.Outcome` here, at the boundary.
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -19,7 +21,7 @@ from pipeline.providers.base import (
     Outcome,
     ProviderResult,
 )
-from pipeline.providers.http import make_client, now, post_form
+from pipeline.providers.http import encode_form, make_client, now, post_form
 from pipeline.providers.ihuyi_sign import APP, sign_getnum, sign_submit
 from pipeline.validation import parse_date, parse_valid_period
 
@@ -86,6 +88,18 @@ def parse_content(content: Any) -> tuple[str | None, dict[str, str]]:
     return side, {k: v for k, v in fields.items() if v is not None}
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class PreparedSubmit:
+    """A Submit.json request short of its ``time`` and password (see :meth:`IhuyiClient.prepare`)."""
+
+    signer: Any  # md5 over account + apikey + app + img_base64 + img_url: never printed
+    head: bytes  # account=…&password=
+    tail: bytes  # &img_base64=… or &img_url=…
+
+    def __repr__(self) -> str:  # never the image, the URL or the key-derived digest
+        return f"PreparedSubmit({len(self.tail)} bytes)"
+
+
 class IhuyiClient:
     name = "ihuyi"
 
@@ -111,20 +125,34 @@ class IhuyiClient:
         return f"IhuyiClient(account={self.account!r}, base_url={self._base!r})"
 
     def submit(self, image: ImagePayload) -> ProviderResult:
-        t = self._clock()
+        return self.send(self.prepare(image))
+
+    def prepare(self, image: ImagePayload) -> PreparedSubmit:
+        """Everything of a submission but its ``time`` and password: the base64 text, its form
+        encoding and the digest of the signed parts before ``time``. Done before the rate-limiter
+        slot, so that after it :meth:`send` has only constant work left."""
         img_base64 = base64.b64encode(image.data).decode("ascii") if image.data is not None else ""
         img_url = image.url or ""
-        form = {
-            "account": self.account,
-            "password": sign_submit(self.account, self._api_key, img_base64, img_url, t),
-            "app": APP,
-            "time": str(t),
-        }
-        if img_base64:
-            form["img_base64"] = img_base64
-        else:
-            form["img_url"] = img_url
-        body, failure, status = post_form(self._http, f"{self._base}/ocr/Submit.json", form)
+        signer = hashlib.md5()
+        for part in (self.account, self._api_key, APP, img_base64, img_url):
+            signer.update(part.encode("utf-8"))
+        image_field = ("img_base64", img_base64) if img_base64 else ("img_url", img_url)
+        return PreparedSubmit(
+            signer=signer,
+            head=encode_form([("account", self.account)]) + b"&password=",
+            tail=b"&" + encode_form([image_field]),
+        )
+
+    def send(self, call: PreparedSubmit) -> ProviderResult:
+        """Sign ``call`` with a fresh ``time`` and send it; each send is a new request."""
+        t = self._clock()
+        signer = call.signer.copy()
+        signer.update(str(t).encode("ascii"))
+        body = b"".join((
+            call.head, signer.hexdigest().encode("ascii"), b"&app=" + APP.encode("ascii") + b"&time=",
+            str(t).encode("ascii"), call.tail,
+        ))
+        body, failure, status = post_form(self._http, f"{self._base}/ocr/Submit.json", body)
         if failure is not None:
             failure.sent_at = t
             return failure

@@ -54,7 +54,7 @@ from typing import Any
 import httpx
 
 from pipeline.providers.base import ImagePayload, Outcome, ProviderResult
-from pipeline.providers.http import make_client, post_form
+from pipeline.providers.http import encode_form, make_client, post_form
 from pipeline.validation import LONG_TERM, parse_date, parse_valid_period
 
 API_PATH = "/1429-1"
@@ -247,6 +247,10 @@ class ShowapiClient:
         return v
 
     def submit(self, image: ImagePayload) -> ProviderResult:
+        return self.send(self.prepare(image))
+
+    def prepare(self, image: ImagePayload) -> bytes:
+        """The form body, encoded before the rate-limiter slot (showapi signs nothing per call)."""
         form: dict[str, str] = {
             "type": SIDE_PARAM.get(image.side or "", ""),
             "needQuality": "1" if self._need_quality else "0",
@@ -255,8 +259,11 @@ class ShowapiClient:
             form["imgData"] = base64.b64encode(image.data).decode("ascii")
         else:
             form["imgUrl"] = image.url or ""
+        return encode_form(form.items())
+
+    def send(self, call: bytes) -> ProviderResult:
         body, failure, status = post_form(
-            self._http, f"{self._base}{API_PATH}", form, params={"appKey": self._app_key}
+            self._http, f"{self._base}{API_PATH}", call, params={"appKey": self._app_key}
         )
         if failure is not None:
             return failure

@@ -156,6 +156,42 @@ def test_reserve_books_in_order_up_to_max_wait(redis_client: redis.Redis, key: s
     assert limiter.reserve(max_wait=1.0) == pytest.approx(over, abs=0.02)
 
 
+def test_margin_spaces_slots_so_late_arrivals_stay_within_the_rate(redis_client: redis.Redis, key: str) -> None:
+    """rate 10, margin 0.1 s: slots 0.11 s apart, so 11 slots span 1.1 s and calls arriving
+    up to 0.1 s early or late still count at most 10 in any one second."""
+    limiter = RateLimiter(redis_client, key, rate=10, margin=0.1)
+    delays = [limiter.reserve() for _ in range(11)]
+    steps = [b - a for a, b in zip(delays, delays[1:], strict=False)]
+    assert steps == [pytest.approx(0.11, abs=0.004)] * 10
+    assert delays[10] - delays[0] == pytest.approx(1.1, abs=0.01)
+    with pytest.raises(ValueError, match="margin"):
+        RateLimiter(redis_client, key, rate=10, margin=1.0)
+
+
+def test_the_first_second_of_a_busy_period_is_spaced_by_the_start_margin(redis_client: redis.Redis, key: str) -> None:
+    """Idle workers woken together send their first calls late: the first second after an idle
+    limiter is paced with the start margin, then the steady interval takes over; after the
+    next idle spell the ramp starts again."""
+    limiter = RateLimiter(redis_client, key, rate=10, start_margin=0.1, max_wait=5)
+    delays = [limiter.reserve() for _ in range(14)]
+    # each delay is counted from its own request: the steps are off by a round trip at most
+    steps = [b - a for a, b in zip(delays, delays[1:], strict=False)]
+    assert steps == [pytest.approx(0.11, abs=0.004)] * 10 + [pytest.approx(0.1, abs=0.004)] * 3
+    time.sleep(delays[-1] + 0.15)  # the bucket runs dry: a new busy period
+    again = [limiter.reserve() for _ in range(3)]
+    assert again[0] == 0.0
+    assert [b - a for a, b in zip(again, again[1:], strict=False)] == [pytest.approx(0.11, abs=0.004)] * 2
+
+
+def test_a_slot_booked_by_the_previous_release_is_honoured(redis_client: redis.Redis, key: str) -> None:
+    """During a rolling upgrade the key may hold a bare TAT (no busy-period start): still honoured."""
+    now_us = int(redis_client.time()[0]) * 1_000_000 + int(redis_client.time()[1])
+    redis_client.set(key, str(now_us + 300_000), px=5000)
+    limiter = RateLimiter(redis_client, key, rate=10, start_margin=0.1)
+    assert limiter.reserve() == pytest.approx(0.3, abs=0.03)
+    assert limiter.reserve() - 0.3 == pytest.approx(0.1, abs=0.03)  # warm: the steady interval
+
+
 def test_acquire_timeout_raises_at_once(redis_client: redis.Redis, key: str) -> None:
     limiter = RateLimiter(redis_client, key, rate=1)
     assert limiter.acquire() < 0.05
