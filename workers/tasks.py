@@ -64,7 +64,7 @@ def _warm_up(**_: object) -> None:
             repo.open_pause(s, p.provider.name, p.provider.account)
         # A balance reading (free: GetNum bills nothing) primes the quota ledger before the
         # first submission and opens the connection to the provider.
-        if p.quota is not None:
+        if p.quota is not None and p.quota.snapshot().remaining is None:
             from pipeline.control import check_balance
 
             check_balance(settings, p.provider)
