@@ -396,9 +396,14 @@ def export(batch_id: str | None, fmt: str, output: Path | None, to: str | None) 
             raise click.ClickException("no batches yet")
         if s.get(Batch, batch_id) is None:
             raise click.ClickException(f"no batch {batch_id!r}")
-        if to:
-            _write_output(settings, batch_id, to)
-            return
+    # Workers pair the two sides of a card as they finish; a worker that died in between left
+    # a pair unchecked: the export checks every pair of the batch first.
+    with unit_of_work(settings.resolved_database_url) as s:
+        repo.pair_batch(s, batch_id)
+    if to:
+        _write_output(settings, batch_id, to)
+        return
+    with unit_of_work(settings.resolved_database_url, read_only=True) as s:
         writer = write_csv if fmt == "csv" else write_jsonl
         if output is None:
             n = writer(records(s, batch_id), sys.stdout)

@@ -366,6 +366,12 @@ class Processor:
                 s, item_id, ItemStatus.SUCCEEDED, reason=None, code=result.code,
                 msg=result.msg, ocrid=result.ocrid, sha256=digest,
             )
+        if side:
+            try:
+                with unit_of_work(self.db) as s:
+                    repo.pair_item(s, item_id)
+            except Exception:  # the result stands; `idocr export` pairs the batch again
+                log.warning("item %s: pairing with the other side failed", item_id, exc_info=True)
         return ItemStatus.SUCCEEDED
 
     def _finish(self, item_id: int, status: str, *, final: bool = True, **values: object) -> str:

@@ -90,12 +90,16 @@ class Item(TimestampMixin, Base):
         Index("ix_items_batch_id_status", "batch_id", "status"),
         # rescans look up what already succeeded by location (key + ETag)
         Index("ix_items_source_uri", "source_uri"),
+        # the other side of a card is looked up by its shared name
+        Index("ix_items_batch_id_pair_key", "batch_id", "pair_key"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     source_key: Mapped[str] = mapped_column(Text)
     source_uri: Mapped[str] = mapped_column(Text)
+    #: the name front and back of one card share (:func:`pipeline.pairing.pair_key`)
+    pair_key: Mapped[str | None] = mapped_column(Text)
     #: "sha256:<hex>" when the bytes were read at scan time, "etag:<etag>" otherwise
     fingerprint: Mapped[str] = mapped_column(String(160))
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)

@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
+from pipeline.pairing import PAIR_CHECK, SideRecord, pair_checks, pair_key
 from pipeline.storage.models import (
     FINAL_STATUSES,
     Attempt,
@@ -206,7 +207,7 @@ def add_items(
     for r in fresh:
         v: dict[str, Any] = {
             "batch_id": batch_id, "source_key": r.source_key, "source_uri": r.source_uri,
-            "fingerprint": r.fingerprint, "sha256": r.sha256, "size": r.size, "etag": r.etag,
+            "pair_key": pair_key(r.source_key), "fingerprint": r.fingerprint, "sha256": r.sha256, "size": r.size, "etag": r.etag,
             "status": r.status, "reason": r.reason, "msg": r.msg, "attempts": 0,
             "duplicate_of": None, "created_at": now, "updated_at": now,
         }
@@ -353,6 +354,64 @@ def finish_attempt(
 
 def save_result(session: Session, result: Result) -> None:
     session.merge(result)
+
+
+_PAIR_FIELDS = (Result.date_of_birth, Result.id_number, Result.valid_from, Result.valid_to)
+
+
+def _side_records(session: Session, batch_id: str, keys: Sequence[str]) -> dict[str, list[SideRecord]]:
+    rows = session.execute(
+        select(Item.pair_key, Item.id, Result.side, *_PAIR_FIELDS)
+        .join(Result, Result.item_id == Item.id)
+        .where(Item.batch_id == batch_id, one_of(session, Item.pair_key, keys))
+    )
+    groups: dict[str, list[SideRecord]] = {}
+    for key, item_id, side, *values in rows:
+        fields = {c.key: v for c, v in zip(_PAIR_FIELDS, values, strict=True) if v is not None}
+        groups.setdefault(key, []).append(SideRecord(item_id, side, fields))
+    return groups
+
+
+def _store_pair_checks(session: Session, groups: Iterable[list[SideRecord]]) -> int:
+    checks: dict[int, dict[str, Any]] = {}
+    pairs = 0
+    for group in groups:
+        found = pair_checks(group)
+        pairs += bool(found)
+        checks.update(found)
+    for result in session.scalars(select(Result).where(one_of(session, Result.item_id, checks))):
+        if (result.checks or {}).get(PAIR_CHECK) != checks[result.item_id]:
+            # a new dict: the JSON column notices assignment, not changes inside the old one
+            result.checks = {**(result.checks or {}), PAIR_CHECK: checks[result.item_id]}
+    return pairs
+
+
+def pair_item(session: Session, item_id: int) -> bool:
+    """Check ``item_id`` with the other side of its card, if that one was recognised already
+    (of two sides finishing together, the later commit sees the earlier one)."""
+    item = session.get(Item, item_id)
+    if item is None or item.pair_key is None:
+        return False
+    groups = _side_records(session, item.batch_id, [item.pair_key])
+    return _store_pair_checks(session, groups.values()) > 0
+
+
+def pair_batch(session: Session, batch_id: str, chunk: int = 500) -> int:
+    """Check every front/back pair of the batch (after a worker died between its result and
+    its pairing, or for items scanned before names were kept); returns the pairs checked."""
+    pairs, last = 0, None
+    while True:  # keyset pages: a backfill's batch holds millions of names
+        q = (
+            select(Item.pair_key).join(Result, Result.item_id == Item.id)
+            .where(Item.batch_id == batch_id, Item.pair_key.is_not(None))
+            .group_by(Item.pair_key).having(func.count() == 2)
+            .order_by(Item.pair_key).limit(chunk)
+        )
+        keys = list(session.scalars(q if last is None else q.where(Item.pair_key > last)))
+        if not keys:
+            return pairs
+        pairs += _store_pair_checks(session, _side_records(session, batch_id, keys).values())
+        last = keys[-1]
 
 
 def count_billable_attempts(session: Session, item_id: int) -> int:

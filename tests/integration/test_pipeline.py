@@ -121,6 +121,38 @@ def test_every_good_image_is_billed_once_with_exact_fields(db_url: str, tmp_path
     }
 
 
+def test_front_and_back_of_one_card_are_checked_together(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    """高娟 正面.jpg and 高娟 背面.jpg: born 1958, card issued 2024 (age 66) valid 长期 — the
+    period agrees with the age. Whichever side finishes second checks the pair; an export
+    pass checks it again after a worker that died in between."""
+    sandbox = sandbox_factory()
+    folder = copy_examples(tmp_path / "in")
+    sent, _ = scan_into(db_url, folder)
+    proc = make_processor(db_url, sandbox, redis_url)
+    assert [proc.process(i) for i in sent].count("succeeded") == 8
+    rows = items(db_url)
+    front, back = rows["高娟 正面.jpg"], rows["高娟 背面.jpg"]
+    with unit_of_work(db_url) as s:
+        checks = {r.item_id: r.checks for r in s.scalars(select(Result))}
+    assert checks[front.id]["valid_period_matches_age"] == {
+        "ok": True, "level": "error", "detail": "age 66 at issue: 长期", "with": back.id}
+    assert checks[back.id]["valid_period_matches_age"]["with"] == front.id
+    # no partner: no pair check (front side 01 / back side 02 are two people's cards)
+    assert "valid_period_matches_age" not in checks[rows["front side 01.png"].id]
+    assert "valid_period_matches_age" not in checks[rows["back side 02.png"].id]
+
+    with unit_of_work(db_url) as s:  # as if the worker died between its result and the pairing
+        r = s.get(Result, back.id)
+        r.checks = {k: v for k, v in r.checks.items() if k != "valid_period_matches_age"}
+        s.get(Result, front.id).checks = {}
+    with unit_of_work(db_url) as s:
+        assert repo.pair_batch(s, "b1", chunk=1) == 1
+    with unit_of_work(db_url) as s:
+        assert s.get(Result, back.id).checks["valid_period_matches_age"]["ok"] is True
+        assert s.get(Result, back.id).checks["valid_period_matches_age"]["with"] == front.id
+        assert set(s.get(Result, front.id).checks) == {"valid_period_matches_age"}
+
+
 def test_transient_errors_are_retried_and_every_attempt_recorded(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     sandbox = sandbox_factory(faults=FaultPlan(codes={"4010": 0.5}, http_500=0.2), seed=7)
     folder = copy_examples(tmp_path / "in")
