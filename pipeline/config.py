@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     # -- calling the provider ----------------------------------------------------------------
     http_timeout: float = 30.0
     #: Provider calls per image for transient failures (the first call included).
-    max_attempts: int = 5
+    max_attempts: int = 8
     retry_initial: float = 1.0
     retry_max: float = 30.0
     #: An item claimed by a worker that has made no call for this long is claimed again (the

@@ -59,7 +59,7 @@ class QuotaExhaustedLike(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    max_attempts: int = 5
+    max_attempts: int = 8
     initial: float = 1.0
     max_wait: float = 30.0
 
