@@ -13,25 +13,29 @@ database is created on --pg-admin-url); --sqlite uses a SQLite file instead.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
-from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import (
+    PG_ADMIN_URL,
+    RemoteSandbox,
+    database,
+    peak_rss_mib,
+    scan,
+    worker_env,
+    workers,
+)
 from pipeline.images import ImageLimits
 from pipeline.processing import Processor, RetryPolicy
-from pipeline.producer import scan
+from pipeline.producer import scan as scan_folder
 from pipeline.providers.base import ImagePayload
 from pipeline.providers.ihuyi import IhuyiClient
 from pipeline.sandbox.cardset import make_card_set
@@ -39,8 +43,6 @@ from pipeline.sandbox.server import SandboxConfig, SandboxServer
 from pipeline.sandbox.truth import TruthIndex
 from pipeline.sources.local import LocalSource
 from pipeline.storage.db import upgrade
-
-IDOCR = [sys.executable, "-m", "pipeline.cli"]
 
 
 def sliding_max(times: list[float], window: float = 1.0) -> int:
@@ -58,109 +60,25 @@ def sliding_max_at(times: list[float], window: float = 1.0) -> tuple[int, float]
     return best, at
 
 
-def peak_rss_mib(pid: int) -> float:
-    total = 0.0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
-
-
-class _RemoteSandbox:
-    """`idocr sandbox` in a process of its own, as an independent provider would be: the
-    arrival times it records are not disturbed by this script's own work."""
-
-    def __init__(self, truth: Path, latency: float, port: int = 18765) -> None:
-        import httpx
-
-        self.url = f"http://127.0.0.1:{port}"
-        self._proc = subprocess.Popen(
-            [*IDOCR, "sandbox", "--port", str(port), "--truth", str(truth), "--latency", str(latency),
-             "--quota", str(10**9)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        for _ in range(100):
-            try:
-                httpx.get(f"{self.url}/_sandbox/health", timeout=1)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise SystemExit("the sandbox did not start")
-
-    def stats(self) -> dict:  # type: ignore[type-arg]
-        import httpx
-
-        return httpx.get(f"{self.url}/_sandbox/stats", params={"calls": 1}, timeout=30).json()
-
-    def stop(self) -> None:
-        os.killpg(self._proc.pid, signal.SIGTERM)
-        self._proc.wait(timeout=10)
-
-
 def pipeline_run(args: argparse.Namespace, work: Path, folder: Path, truth: Path) -> None:
-    sandbox = _RemoteSandbox(truth, args.latency)
-    r = redis.Redis.from_url(args.redis_url)
-    r.flushdb()
-    if args.sqlite:
-        db_url = f"sqlite:///{work / 'bench.db'}"
-        admin = dbname = None
-    else:
-        dbname = f"idocr_bench_{secrets.token_hex(4)}"
-        admin = create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{dbname}"'))
-        db_url = args.pg_admin_url.rsplit("/", 1)[0] + f"/{dbname}"
-    upgrade(db_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDOCR_")}
-    env.update(
-        IDOCR_PROVIDER="ihuyi", IDOCR_IHUYI_BASE_URL=sandbox.url, IDOCR_IHUYI_ACCOUNT="sandbox",
-        IDOCR_IHUYI_API_KEY="sandbox-key", IDOCR_DATABASE_URL=db_url, IDOCR_REDIS_URL=args.redis_url,
-        IDOCR_RATE_LIMIT=str(args.rate), IDOCR_DATA_DIR=str(work / ".idocr"),
-        IDOCR_CONCURRENCY=str(args.concurrency),
-    )
-    workers = []
+    sandbox = RemoteSandbox(truth, args.latency)
+    redis.Redis.from_url(args.redis_url).flushdb()
     try:
-        for i in range(args.workers):
-            log = (work / f"worker{i}.log").open("wb")
-            workers.append(subprocess.Popen(
-                [*IDOCR, "worker", "-n", f"bench{i}@%h", "--loglevel", "WARNING"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
-        time.sleep(4)  # workers connect; the first calls then meet a warm pool
-        t0 = time.time()
-        res = subprocess.run([*IDOCR, "scan", str(folder)], env=env, capture_output=True, text=True)
-        if res.returncode:
-            sys.exit(res.stderr)
-        deadline = time.time() + args.images / args.rate * 3 + 60
-        while sandbox.stats()["billed"] < args.images and time.time() < deadline:
-            time.sleep(0.5)
-        elapsed = time.time() - t0
-        peaks = [peak_rss_mib(w.pid) for w in workers]
-        stats = sandbox.stats()
+        with database(work, sqlite=args.sqlite, pg_admin_url=args.pg_admin_url) as db_url:
+            env = worker_env(sandbox, db_url, args.redis_url, work,
+                             IDOCR_RATE_LIMIT=str(args.rate), IDOCR_CONCURRENCY=str(args.concurrency))
+            with workers(args.workers, env, work) as procs:
+                time.sleep(4)  # workers connect; the first calls then meet a warm pool
+                t0 = time.time()
+                scan(folder, env)
+                deadline = time.time() + args.images / args.rate * 3 + 60
+                while sandbox.stats()["billed"] < args.images and time.time() < deadline:
+                    time.sleep(0.5)
+                elapsed = time.time() - t0
+                peaks = [peak_rss_mib(w.pid) for w in procs]
+                stats = sandbox.stats()
     finally:
-        for w in workers:
-            try:
-                os.killpg(w.pid, signal.SIGTERM)
-                w.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(w.pid, signal.SIGKILL)
         sandbox.stop()
-        if admin is not None:
-            from pipeline.storage.db import engine_for
-
-            engine_for(db_url).dispose()
-            with admin.connect() as c:
-                c.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
 
     calls = sorted(c["at"] for c in stats["calls"])
     billed_twice = [sha for sha, n in stats["billed_by_sha"].items() if n > 1]
@@ -172,7 +90,8 @@ def pipeline_run(args: argparse.Namespace, work: Path, folder: Path, truth: Path
     print(f"pipeline: {args.workers} worker processes x {args.concurrency} threads, "
           f"limit {args.rate}/s, provider latency {args.latency * 1000:.0f} ms, {args.images} images")
     print(f"  billed {n} calls in {calls[-1] - calls[0]:.1f} s (scan to last call {elapsed:.1f} s)")
-    print(f"  sustained rate {sustained:.2f}/s = {sustained / args.rate * 100:.1f} % of the limit")
+    print(f"  sustained rate {sustained:.2f}/s = {sustained / args.rate * 100:.1f} % of the limit "
+          f"(first to last call: {(n - 1) / (calls[-1] - calls[0]) / args.rate * 100:.1f} %)")
     most, at = sliding_max_at(calls)
     print(f"  most calls in any 1-second window (sliding): {most} "
           f"(limit {args.rate:g}, {most / args.rate * 100 - 100:+.1f} %), at +{at - calls[0]:.2f} s")
@@ -215,7 +134,7 @@ def overhead(args: argparse.Namespace, work: Path, folder: Path, truth: Path) ->
     db_url = f"sqlite:///{work / 'overhead.db'}"
     upgrade(db_url)
     ids: list[int] = []
-    scan(LocalSource(folder), database_url=db_url, batch_id="o", provider="sandbox", enqueue=ids.extend)
+    scan_folder(LocalSource(folder), database_url=db_url, batch_id="o", provider="sandbox", enqueue=ids.extend)
     r = redis.Redis.from_url(args.redis_url)
     provider = IhuyiClient("sandbox", "sandbox-key", sandbox.url, name="sandbox")
     proc = Processor(
@@ -250,7 +169,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--sequential", type=int, default=50, help="calls timed for the sequential client")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
-    ap.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--pg-admin-url", default=PG_ADMIN_URL)
     ap.add_argument("--sqlite", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()

@@ -367,12 +367,21 @@ class Processor:
                 msg=result.msg, ocrid=result.ocrid, sha256=digest,
             )
         if side:
-            try:
-                with unit_of_work(self.db) as s:
-                    repo.pair_item(s, item_id)
-            except Exception:  # the result stands; `idocr export` pairs the batch again
-                log.warning("item %s: pairing with the other side failed", item_id, exc_info=True)
+            self._pair(item_id)
         return ItemStatus.SUCCEEDED
+
+    def _pair(self, item_id: int) -> None:
+        """Check the card's two sides together once both are recognised. After the result's own
+        commit: of two sides finishing together, the later commit sees the earlier one. Looked
+        up first without a write lock: most images have no partner yet."""
+        try:
+            with unit_of_work(self.db, read_only=True) as s:
+                group = repo.pair_group(s, item_id)
+            if len(group) == 2:
+                with unit_of_work(self.db) as s:
+                    repo.store_pair_checks(s, group)
+        except Exception:  # the result stands; `idocr export` pairs the batch again
+            log.warning("item %s: pairing with the other side failed", item_id, exc_info=True)
 
     def _finish(self, item_id: int, status: str, *, final: bool = True, **values: object) -> str:
         with unit_of_work(self.db) as s:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, Settings
 from pipeline.dedupe import ContentClaims
-from pipeline.queueing import enqueue_items
 from pipeline.images import ImageLimits
 from pipeline.processing import Processor, RetryPolicy
 from pipeline.providers.base import Provider
 from pipeline.providers.ihuyi import IhuyiClient
+from pipeline.queueing import enqueue_items
 from pipeline.quota import QuotaExhausted, QuotaLedger
 from pipeline.ratelimit import RateLimiter, rate_key
 from pipeline.redisconn import redis_client

@@ -22,7 +22,7 @@ from pipeline.providers.base import (
     ProviderResult,
 )
 from pipeline.providers.http import encode_form, make_client, now, post_form
-from pipeline.providers.ihuyi_sign import APP, sign_getnum, sign_submit
+from pipeline.providers.ihuyi_sign import APP, sign_getnum
 from pipeline.validation import parse_date, parse_valid_period
 
 OK_CODE = "2"

@@ -386,14 +386,17 @@ def _store_pair_checks(session: Session, groups: Iterable[list[SideRecord]]) -> 
     return pairs
 
 
-def pair_item(session: Session, item_id: int) -> bool:
-    """Check ``item_id`` with the other side of its card, if that one was recognised already
-    (of two sides finishing together, the later commit sees the earlier one)."""
+def pair_group(session: Session, item_id: int) -> list[SideRecord]:
+    """The recognised images sharing ``item_id``'s name, itself included (a read)."""
     item = session.get(Item, item_id)
     if item is None or item.pair_key is None:
-        return False
-    groups = _side_records(session, item.batch_id, [item.pair_key])
-    return _store_pair_checks(session, groups.values()) > 0
+        return []
+    return _side_records(session, item.batch_id, [item.pair_key]).get(item.pair_key, [])
+
+
+def store_pair_checks(session: Session, group: list[SideRecord]) -> bool:
+    """Store the pair check in both results if ``group`` is one front and one back."""
+    return _store_pair_checks(session, [group]) > 0
 
 
 def pair_batch(session: Session, batch_id: str, chunk: int = 500) -> int:

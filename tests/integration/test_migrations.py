@@ -5,7 +5,13 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from pipeline.storage.db import alembic_config, current_revision, engine_for, head_revision, make_engine
+from pipeline.storage.db import (
+    alembic_config,
+    current_revision,
+    engine_for,
+    head_revision,
+    make_engine,
+)
 from pipeline.storage.models import Base
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import threading
 import time
@@ -161,7 +162,7 @@ def test_margin_spaces_slots_so_late_arrivals_stay_within_the_rate(redis_client:
     up to 0.1 s early or late still count at most 10 in any one second."""
     limiter = RateLimiter(redis_client, key, rate=10, margin=0.1)
     delays = [limiter.reserve() for _ in range(11)]
-    steps = [b - a for a, b in zip(delays, delays[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(delays)]
     assert steps == [pytest.approx(0.11, abs=0.004)] * 10
     assert delays[10] - delays[0] == pytest.approx(1.1, abs=0.01)
     with pytest.raises(ValueError, match="margin"):
@@ -175,12 +176,12 @@ def test_the_first_second_of_a_busy_period_is_spaced_by_the_start_margin(redis_c
     limiter = RateLimiter(redis_client, key, rate=10, start_margin=0.1, max_wait=5)
     delays = [limiter.reserve() for _ in range(14)]
     # each delay is counted from its own request: the steps are off by a round trip at most
-    steps = [b - a for a, b in zip(delays, delays[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(delays)]
     assert steps == [pytest.approx(0.11, abs=0.004)] * 10 + [pytest.approx(0.1, abs=0.004)] * 3
     time.sleep(delays[-1] + 0.15)  # the bucket runs dry: a new busy period
     again = [limiter.reserve() for _ in range(3)]
     assert again[0] == 0.0
-    assert [b - a for a, b in zip(again, again[1:], strict=False)] == [pytest.approx(0.11, abs=0.004)] * 2
+    assert [b - a for a, b in itertools.pairwise(again)] == [pytest.approx(0.11, abs=0.004)] * 2
 
 
 def test_a_slot_booked_by_the_previous_release_is_honoured(redis_client: redis.Redis, key: str) -> None:
