@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rate", type=float, default=20.0)
     ap.add_argument("--latency", type=float, default=0.2)
-    ap.add_argument("--balance-interval", type=float, default=5.0, help="seconds between balance readings (beat)")
+    ap.add_argument("--balance-interval", type=float, default=60.0, help="IDOCR_BALANCE_INTERVAL")
+    ap.add_argument("--balance-interval-paused", type=float, default=10.0, help="IDOCR_BALANCE_INTERVAL_PAUSED")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     ap.add_argument("--pg-admin-url", default=PG_ADMIN_URL)
     ap.add_argument("--sqlite", action="store_true")
@@ -78,19 +79,20 @@ def main() -> None:
                 env = worker_env(
                     sandbox, db_url, args.redis_url, work, IDOCR_RATE_LIMIT=str(args.rate),
                     IDOCR_CONCURRENCY=str(args.concurrency), IDOCR_BALANCE_INTERVAL=str(args.balance_interval),
+                    IDOCR_BALANCE_INTERVAL_PAUSED=str(args.balance_interval_paused),
                 )
                 with workers(args.workers, env, work, beat=True):
                     time.sleep(4)
                     t0 = time.time()
                     scan(folder, env)
-                    # paused: the quota is spent and nothing has moved for two balance intervals
+                    # paused: the quota is spent and nothing has moved for a while
                     last = [-1, time.time()]
 
                     def settled() -> bool:
                         billed = sandbox.stats()["billed"]
                         if billed != last[0]:
                             last[:] = [billed, time.time()]
-                        return billed >= args.quota and time.time() - last[1] > 2 * args.balance_interval
+                        return billed >= args.quota and time.time() - last[1] > 5
 
                     if not wait_until(settled, args.images / args.rate * 3 + 60):
                         sys.exit(f"no pause: {sandbox.stats()['billed']} billed, {statuses(db_url)}")
@@ -100,7 +102,7 @@ def main() -> None:
                     t_top = time.time()
                     sandbox.add_quota(args.images)
                     resumed = wait_until(lambda: sandbox.stats()["billed"] > paused_stats["billed"],
-                                         6 * args.balance_interval + 30)
+                                         3 * args.balance_interval_paused + 30)
                     t_resume = time.time() - t_top
                     done = wait_until(lambda: statuses(db_url).get("succeeded", 0) >= args.images,
                                       args.images / args.rate * 3 + 60)
@@ -113,7 +115,7 @@ def main() -> None:
     waiting = sum(n for s, n in paused_items.items() if s in ("queued", "paused", "submitting"))
     print(f"quota: {args.images} images, {args.quota} calls paid for, {args.workers} worker processes x "
           f"{args.concurrency} threads, {args.rate:g}/s, latency {args.latency * 1000:.0f} ms, "
-          f"balance reading every {args.balance_interval:g} s")
+          f"balance readings every {args.balance_interval:g} s, {args.balance_interval_paused:g} s while paused")
     print(f"  before the top-up: billed {paused_stats['billed']} (quota {args.quota}), refused for quota "
           f"(4051) {answered(paused_stats, '4051')}, calls stopped {t_paused:.1f} s after the scan")
     print(f"  items then: {paused_items}; waiting {waiting}, failed {paused_items.get('failed', 0)}")

@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     quota_resume_watermark: int = 1
     #: Seconds between balance readings (beat task, and `idocr run` while paused).
     balance_interval: float = 60.0
+    #: ... and while a quota pause waits for a top-up (the beat runs at the shorter of the two).
+    balance_interval_paused: float = 10.0
     #: Payload limit (bytes after base64 + urlencoding); ihuyi: 8 MB, showapi recommends 1.5 MB.
     max_payload_bytes: int | None = None
 
@@ -137,6 +139,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.rate_limit <= 0:
             raise ConfigError("IDOCR_RATE_LIMIT must be a positive number of calls per second")
+        if not (self.balance_interval > 0 and self.balance_interval_paused > 0):
+            raise ConfigError("IDOCR_BALANCE_INTERVAL and IDOCR_BALANCE_INTERVAL_PAUSED must be positive (seconds)")
         for name in ("rate_margin", "rate_start_margin"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"IDOCR_{name.upper()} must be at least 0 and below 1 (seconds)")

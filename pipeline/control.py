@@ -8,6 +8,7 @@ item that finds the gate closed goes to ``paused`` and is re-enqueued by the res
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -101,6 +102,20 @@ def _balance(provider: Provider, limiter: RateLimiter | None = None) -> int | No
             if exc.result.outcome is not Outcome.CLOCK or attempt == 2:
                 raise
     return None
+
+
+def balance_due(settings: Settings, provider: Provider, now: float | None = None) -> bool:
+    """Whether the balance monitor should read the balance now: every
+    ``IDOCR_BALANCE_INTERVAL``, and every ``IDOCR_BALANCE_INTERVAL_PAUSED`` while a quota pause
+    waits for a top-up (a reading is free; a paused run should not wait a minute to go on)."""
+    pause_open = current_pause(settings, provider.name, provider.account)
+    if pause_open is not None and pause_open.kind == "quota":
+        return True
+    ledger = QuotaLedger(redis_client(settings), provider.name, provider.account)
+    taken = ledger.snapshot().reading_at
+    # a little early rather than a whole beat late: beats and readings do not line up exactly
+    slack = min(settings.balance_interval, settings.balance_interval_paused) / 2
+    return taken is None or (now or time.time()) - taken >= settings.balance_interval - slack
 
 
 def check_balance(

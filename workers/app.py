@@ -45,7 +45,11 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
     beat_schedule={
-        "balance-check": {"task": "idocr.balance.check", "schedule": settings.balance_interval},
+        # each beat reads the balance only when it is due (control.balance_due)
+        "balance-check": {
+            "task": "idocr.balance.check",
+            "schedule": min(settings.balance_interval, settings.balance_interval_paused),
+        },
     },
 )
 

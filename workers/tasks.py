@@ -79,6 +79,8 @@ def submit(item_id: int) -> str:
 
 @app.task(name="idocr.balance.check", ignore_result=True)
 def balance_check() -> None:
-    from pipeline.control import check_balance
+    from pipeline.control import balance_due, check_balance
 
-    check_balance(settings, processor().provider)
+    provider = processor().provider
+    if balance_due(settings, provider):
+        check_balance(settings, provider)

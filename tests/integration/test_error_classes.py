@@ -369,6 +369,29 @@ def test_balance_query_with_a_rejected_time_is_resigned_then_pauses_for_the_cloc
     assert open_pause(db_url, provider2) is None
 
 
+def test_the_balance_monitor_reads_every_interval_and_often_while_a_quota_pause_waits(db_url: str, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    """The beat runs every IDOCR_BALANCE_INTERVAL_PAUSED; it reads the balance only when the last
+    reading is IDOCR_BALANCE_INTERVAL old, or at every beat while a quota pause waits."""
+    from pipeline import control
+    from pipeline.config import Settings
+
+    sandbox = sandbox_factory()
+    settings = Settings(database_url=db_url, redis_url=redis_url, balance_interval=60, balance_interval_paused=10)
+    provider = ihuyi(sandbox)
+    assert control.balance_due(settings, provider)  # no reading yet
+    control.check_balance(settings, provider, enqueue=lambda ids: None, broadcast=None)
+    now = time.time()
+    assert not control.balance_due(settings, provider, now=now + 10)
+    assert not control.balance_due(settings, provider, now=now + 50)
+    assert control.balance_due(settings, provider, now=now + 56)  # within half a beat of due
+    control.pause(settings, provider.name, provider.account, "operator", "held", broadcast=None)
+    assert not control.balance_due(settings, provider, now=now + 10)  # a top-up ends no operator pause
+    control.resume(settings, provider.name, provider.account, by="test", enqueue=lambda ids: None, broadcast=None)
+    control.pause(settings, provider.name, provider.account, "quota", "spent", broadcast=None)
+    assert control.balance_due(settings, provider, now=now + 10)
+    assert sandbox.stats.by_endpoint["ihuyi.getnum"] == 1  # deciding reads no balance
+
+
 # -- showapi ------------------------------------------------------------------------------------
 
 
