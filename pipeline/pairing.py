@@ -12,7 +12,7 @@ path once the side word is taken out.
 A group pairs when exactly one front and one back of it were recognised (the side comes from
 the provider, not from the name); anything else (three images, two fronts) is left unpaired
 rather than guessed. The check, ``valid_period_matches_age``, is stored in the ``checks`` of
-both results with the partner's item id.
+both results with the partner's key.
 """
 
 from __future__ import annotations
@@ -51,16 +51,18 @@ def pair_key(source_key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SideRecord:
-    """One recognised image of a pair group: its item, the side the provider read, its fields."""
+    """One recognised image of a pair group: its item, its key (path within the source), the side
+    the provider read, its fields."""
 
     item_id: int
+    key: str
     side: str | None
     fields: dict[str, Any]
 
 
 def pair_checks(group: Iterable[SideRecord], *, grace_days: int = 0) -> dict[int, dict[str, Any]]:
     """``{item_id: check}`` for both items when ``group`` is exactly one front and one back,
-    else ``{}``. The check carries the partner's item id under ``with``."""
+    else ``{}``. The check names the partner under ``with``: its key, as exports show it."""
     records = list(group)
     fronts = [r for r in records if r.side == "front"]
     backs = [r for r in records if r.side == "back"]
@@ -68,4 +70,4 @@ def pair_checks(group: Iterable[SideRecord], *, grace_days: int = 0) -> dict[int
         return {}
     front, back = fronts[0], backs[0]
     check = dict(check_pair(front.fields, back.fields, grace_days=grace_days)[PAIR_CHECK])
-    return {front.item_id: {**check, "with": back.item_id}, back.item_id: {**check, "with": front.item_id}}
+    return {front.item_id: {**check, "with": back.key}, back.item_id: {**check, "with": front.key}}

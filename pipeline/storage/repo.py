@@ -361,14 +361,14 @@ _PAIR_FIELDS = (Result.date_of_birth, Result.id_number, Result.valid_from, Resul
 
 def _side_records(session: Session, batch_id: str, keys: Sequence[str]) -> dict[str, list[SideRecord]]:
     rows = session.execute(
-        select(Item.pair_key, Item.id, Result.side, *_PAIR_FIELDS)
+        select(Item.pair_key, Item.id, Item.source_key, Result.side, *_PAIR_FIELDS)
         .join(Result, Result.item_id == Item.id)
         .where(Item.batch_id == batch_id, one_of(session, Item.pair_key, keys))
     )
     groups: dict[str, list[SideRecord]] = {}
-    for key, item_id, side, *values in rows:
+    for pair, item_id, key, side, *values in rows:
         fields = {c.key: v for c, v in zip(_PAIR_FIELDS, values, strict=True) if v is not None}
-        groups.setdefault(key, []).append(SideRecord(item_id, side, fields))
+        groups.setdefault(pair, []).append(SideRecord(item_id, key, side, fields))
     return groups
 
 

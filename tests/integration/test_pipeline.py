@@ -135,8 +135,8 @@ def test_front_and_back_of_one_card_are_checked_together(db_url: str, tmp_path: 
     with unit_of_work(db_url) as s:
         checks = {r.item_id: r.checks for r in s.scalars(select(Result))}
     assert checks[front.id]["valid_period_matches_age"] == {
-        "ok": True, "level": "error", "detail": "age 66 at issue: 长期", "with": back.id}
-    assert checks[back.id]["valid_period_matches_age"]["with"] == front.id
+        "ok": True, "level": "error", "detail": "age 66 at issue: 长期", "with": "高娟 背面.jpg"}
+    assert checks[back.id]["valid_period_matches_age"]["with"] == "高娟 正面.jpg"
     # no partner: no pair check (front side 01 / back side 02 are two people's cards)
     assert "valid_period_matches_age" not in checks[rows["front side 01.png"].id]
     assert "valid_period_matches_age" not in checks[rows["back side 02.png"].id]
@@ -149,7 +149,7 @@ def test_front_and_back_of_one_card_are_checked_together(db_url: str, tmp_path: 
         assert repo.pair_batch(s, "b1", chunk=1) == 1
     with unit_of_work(db_url) as s:
         assert s.get(Result, back.id).checks["valid_period_matches_age"]["ok"] is True
-        assert s.get(Result, back.id).checks["valid_period_matches_age"]["with"] == front.id
+        assert s.get(Result, back.id).checks["valid_period_matches_age"]["with"] == "高娟 正面.jpg"
         assert set(s.get(Result, front.id).checks) == {"valid_period_matches_age"}
 
 

@@ -36,15 +36,15 @@ def test_keys_keep_the_folder_and_drop_the_extension_and_side_word() -> None:
     assert pair_key("facebook.jpg") == "facebook"  # a word merely starting with "face"
 
 
-FRONT = SideRecord(1, "front", {"date_of_birth": "1990-03-07", "id_number": "11010119900307803X"})
-BACK_OK = SideRecord(2, "back", {"valid_from": "2015-06-01", "valid_to": "2025-06-01"})  # 25: 10 years
-BACK_WRONG = SideRecord(3, "back", {"valid_from": "2015-06-01", "valid_to": "2035-06-01"})
+FRONT = SideRecord(1, "p/front.jpg", "front", {"date_of_birth": "1990-03-07", "id_number": "11010119900307803X"})
+BACK_OK = SideRecord(2, "p/back.jpg", "back", {"valid_from": "2015-06-01", "valid_to": "2025-06-01"})  # 25: 10 years
+BACK_WRONG = SideRecord(3, "p/back.png", "back", {"valid_from": "2015-06-01", "valid_to": "2035-06-01"})
 
 
 def test_a_front_and_a_back_are_checked_together() -> None:
     got = pair_checks([FRONT, BACK_OK])
-    assert got[1]["ok"] is True and got[1]["with"] == 2
-    assert got[2]["ok"] is True and got[2]["with"] == 1
+    assert got[1]["ok"] is True and got[1]["with"] == "p/back.jpg"
+    assert got[2]["ok"] is True and got[2]["with"] == "p/front.jpg"
     assert "age 25" in got[1]["detail"]
     wrong = pair_checks([BACK_WRONG, FRONT])
     assert wrong[3]["ok"] is False and "requires 10 years" in wrong[3]["detail"]
@@ -52,6 +52,6 @@ def test_a_front_and_a_back_are_checked_together() -> None:
 
 def test_anything_but_one_front_and_one_back_is_left_unpaired() -> None:
     assert pair_checks([FRONT]) == {}
-    assert pair_checks([FRONT, SideRecord(4, "front", {})]) == {}
+    assert pair_checks([FRONT, SideRecord(4, "p/front.png", "front", {})]) == {}
     assert pair_checks([FRONT, BACK_OK, BACK_WRONG]) == {}
-    assert pair_checks([FRONT, SideRecord(5, None, {})]) == {}
+    assert pair_checks([FRONT, SideRecord(5, "p.jpg", None, {})]) == {}
