@@ -5,7 +5,8 @@ the provider's rate is enforced here instead, in Redis, atomically in one Lua sc
 
 Algorithm: GCRA (generic cell rate algorithm), in its *booking* form
 -------------------------------------------------------------------
-One key holds the theoretical arrival time (TAT, server microseconds) of the next free slot.
+One key holds the theoretical arrival time (TAT, server microseconds) of the next free slot,
+stored as ``"tat:since"`` with the start of the current busy period (see *Start margin*).
 With emission interval ``T = 1/rate`` and ``burst`` cells of tolerance, a caller arriving at
 server time ``now`` books the slot::
 
