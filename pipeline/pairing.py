@@ -9,6 +9,7 @@ path once the side word is taken out.
     2026-11/p123/front.png  2026-11/p123/back.png  -> "2026-11/p123"
     a_人像面.jpg  a_国徽面.jpg                      -> "a"
 
+A name without a side word is not paired (a bucket of ``scan-0000123.jpg`` costs nothing here).
 A group pairs when exactly one front and one back of it were recognised (the side comes from
 the provider, not from the name); anything else (three images, two fronts) is left unpaired
 rather than guessed. The check, ``valid_period_matches_age``, is stored in the ``checks`` of
@@ -39,11 +40,14 @@ _SIDE = re.compile(
 _SEPARATORS = " _-.()（）[]【】"
 
 
-def pair_key(source_key: str) -> str:
-    """The name both sides of one card share: the path without extension and side words."""
+def pair_key(source_key: str) -> str | None:
+    """The name both sides of one card share: the path without extension and side word; None
+    when the name carries no side word (nothing says which card it is the side of)."""
     folder, _, name = source_key.rpartition("/")
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-    stem = _SIDE.sub(" ", stem)
+    stem, found = _SIDE.subn(" ", stem)
+    if not found:
+        return None
     # "张三 正面 (1)" and "张三_反面" leave separators behind; fold runs of them to one space
     stem = " ".join("".join(" " if c in _SEPARATORS else c for c in stem).split())
     return f"{folder}/{stem}" if folder and stem else folder or stem

@@ -19,7 +19,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('items', schema=None) as batch_op:
         batch_op.add_column(sa.Column('pair_key', sa.Text(), nullable=True))
-        batch_op.create_index('ix_items_batch_id_pair_key', ['batch_id', 'pair_key'], unique=False)
+        batch_op.create_index(
+            'ix_items_batch_id_pair_key', ['batch_id', 'pair_key'], unique=False,
+            postgresql_where=sa.text('pair_key IS NOT NULL'), sqlite_where=sa.text('pair_key IS NOT NULL'),
+        )
 
 
 def downgrade() -> None:

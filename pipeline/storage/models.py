@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -90,8 +91,9 @@ class Item(TimestampMixin, Base):
         Index("ix_items_batch_id_status", "batch_id", "status"),
         # rescans look up what already succeeded by location (key + ETag)
         Index("ix_items_source_uri", "source_uri"),
-        # the other side of a card is looked up by its shared name
-        Index("ix_items_batch_id_pair_key", "batch_id", "pair_key"),
+        # the other side of a card is looked up by its shared name; most names have none
+        Index("ix_items_batch_id_pair_key", "batch_id", "pair_key",
+              postgresql_where=text("pair_key IS NOT NULL"), sqlite_where=text("pair_key IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -33,7 +33,12 @@ def test_different_cards_do_not_share_a_key(a: str, b: str) -> None:
 def test_keys_keep_the_folder_and_drop_the_extension_and_side_word() -> None:
     assert pair_key("2026-11/p123/front.png") == "2026-11/p123"
     assert pair_key("scans/张三 正面 (1).jpg") == "scans/张三 1"
-    assert pair_key("facebook.jpg") == "facebook"  # a word merely starting with "face"
+
+
+def test_a_name_without_a_side_word_is_not_paired() -> None:
+    assert pair_key("bucket/00/scan-0000123.jpg") is None
+    assert pair_key("facebook.jpg") is None  # a word merely starting with "face"
+    assert pair_key("backfill/x.jpg") is None
 
 
 FRONT = SideRecord(1, "p/front.jpg", "front", {"date_of_birth": "1990-03-07", "id_number": "11010119900307803X"})
