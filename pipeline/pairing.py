@@ -38,12 +38,17 @@ _SIDE = re.compile(
     re.IGNORECASE,
 )
 _SEPARATORS = " _-.()（）[]【】"
+# a bucket of millions of names without a side word should not pay for the regular expression
+_HINTS = tuple(w.lower() for w in _HANZI_SIDES + _LATIN_SIDES)
 
 
 def pair_key(source_key: str) -> str | None:
     """The name both sides of one card share: the path without extension and side word; None
     when the name carries no side word (nothing says which card it is the side of)."""
     folder, _, name = source_key.rpartition("/")
+    lowered = name.lower()
+    if not any(hint in lowered for hint in _HINTS):
+        return None
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
     stem, found = _SIDE.subn(" ", stem)
     if not found:
