@@ -380,8 +380,9 @@ class Processor:
             if len(group) == 2:
                 with unit_of_work(self.db) as s:
                     repo.store_pair_checks(s, group)
-        except Exception:  # the result stands; `idocr export` pairs the batch again
-            log.warning("item %s: pairing with the other side failed", item_id, exc_info=True)
+        except Exception as exc:  # the result stands; `idocr export` pairs the batch again
+            # the class only: a database error quotes its parameters (file names, fields)
+            log.warning("item %s: pairing with the other side failed (%s)", item_id, type(exc).__name__)
 
     def _finish(self, item_id: int, status: str, *, final: bool = True, **values: object) -> str:
         with unit_of_work(self.db) as s:
