@@ -8,7 +8,6 @@ taxonomy of :class:`~pipeline.providers.base.Outcome` here, at the boundary.
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from pipeline.providers.base import (
     ProviderResult,
 )
 from pipeline.providers.http import encode_form, make_client, now, post_form
-from pipeline.providers.ihuyi_sign import APP, sign_getnum
+from pipeline.providers.ihuyi_sign import APP, finish, sign_getnum, submit_signer
 from pipeline.validation import parse_date, parse_valid_period
 
 OK_CODE = "2"
@@ -88,6 +87,9 @@ def parse_content(content: Any) -> tuple[str | None, dict[str, str]]:
     return side, {k: v for k, v in fields.items() if v is not None}
 
 
+_APP_TIME = f"&app={APP}&time=".encode("ascii")
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class PreparedSubmit:
     """A Submit.json request short of its ``time`` and password (see :meth:`IhuyiClient.prepare`)."""
@@ -133,12 +135,9 @@ class IhuyiClient:
         slot, so that after it :meth:`send` has only constant work left."""
         img_base64 = base64.b64encode(image.data).decode("ascii") if image.data is not None else ""
         img_url = image.url or ""
-        signer = hashlib.md5()
-        for part in (self.account, self._api_key, APP, img_base64, img_url):
-            signer.update(part.encode("utf-8"))
         image_field = ("img_base64", img_base64) if img_base64 else ("img_url", img_url)
         return PreparedSubmit(
-            signer=signer,
+            signer=submit_signer(self.account, self._api_key, img_base64, img_url),
             head=encode_form([("account", self.account)]) + b"&password=",
             tail=b"&" + encode_form([image_field]),
         )
@@ -146,12 +145,8 @@ class IhuyiClient:
     def send(self, call: PreparedSubmit) -> ProviderResult:
         """Sign ``call`` with a fresh ``time`` and send it; each send is a new request."""
         t = self._clock()
-        signer = call.signer.copy()
-        signer.update(str(t).encode("ascii"))
-        body = b"".join((
-            call.head, signer.hexdigest().encode("ascii"), b"&app=" + APP.encode("ascii") + b"&time=",
-            str(t).encode("ascii"), call.tail,
-        ))
+        password = finish(call.signer, t)
+        body = b"".join((call.head, password.encode("ascii"), _APP_TIME, str(t).encode("ascii"), call.tail))
         body, failure, status = post_form(self._http, f"{self._base}/ocr/Submit.json", body)
         if failure is not None:
             failure.sent_at = t

@@ -9,6 +9,7 @@ every request.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 APP = "idcard"
 
@@ -17,10 +18,28 @@ def _md5(*parts: str) -> str:
     return hashlib.md5("".join(parts).encode("utf-8")).hexdigest()
 
 
+def submit_signer(
+    account: str, api_key: str, img_base64: str, img_url: str, app: str = APP
+) -> Any:
+    """The Submit digest over everything but ``time``: a request is prepared once and signed at
+    each send by :func:`finish` on a copy (the image is not hashed again)."""
+    signer = hashlib.md5()
+    for part in (account, api_key, app, img_base64, img_url):
+        signer.update(part.encode("utf-8"))
+    return signer
+
+
+def finish(signer: Any, time: int | str) -> str:
+    """The password: ``signer`` (left untouched) completed with ``time``."""
+    done = signer.copy()
+    done.update(str(time).encode("utf-8"))
+    return done.hexdigest()
+
+
 def sign_submit(
     account: str, api_key: str, img_base64: str, img_url: str, time: int | str, app: str = APP
 ) -> str:
-    return _md5(account, api_key, app, img_base64, img_url, str(time))
+    return finish(submit_signer(account, api_key, img_base64, img_url, app), time)
 
 
 def sign_getnum(account: str, api_key: str, time: int | str, app: str = APP) -> str:

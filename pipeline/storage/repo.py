@@ -207,7 +207,8 @@ def add_items(
     for r in fresh:
         v: dict[str, Any] = {
             "batch_id": batch_id, "source_key": r.source_key, "source_uri": r.source_uri,
-            "pair_key": pair_key(r.source_key), "fingerprint": r.fingerprint, "sha256": r.sha256, "size": r.size, "etag": r.etag,
+            "pair_key": pair_key(r.source_key), "fingerprint": r.fingerprint, "sha256": r.sha256,
+            "size": r.size, "etag": r.etag,
             "status": r.status, "reason": r.reason, "msg": r.msg, "attempts": 0,
             "duplicate_of": None, "created_at": now, "updated_at": now,
         }
@@ -400,8 +401,9 @@ def store_pair_checks(session: Session, group: list[SideRecord]) -> bool:
 
 
 def pair_batch(session: Session, batch_id: str, chunk: int = 500) -> int:
-    """Check every front/back pair of the batch (after a worker died between its result and
-    its pairing, or for items scanned before names were kept); returns the pairs checked."""
+    """Check every front/back pair of the batch (a worker may have died between its result and
+    its pairing); returns the pairs checked. Items scanned before migration 0003 have no
+    ``pair_key`` and are not paired."""
     pairs, last = 0, None
     while True:  # keyset pages: a backfill's batch holds millions of names
         q = (
