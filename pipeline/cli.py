@@ -19,14 +19,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline.config import ConfigError, Settings, get_settings, reset_settings
+from pipeline.config import ConfigError, Settings, get_settings, reset_settings, settings_error_message
 from pipeline.sources.base import SourceError
 
-EXIT_OK, EXIT_ERROR, EXIT_INCOMPLETE = 0, 1, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 # soft_wrap: a line is not broken at the terminal width (logs and pipes keep it whole)
 err = Console(stderr=True, soft_wrap=True)
@@ -34,24 +35,17 @@ out = Console(soft_wrap=True)
 log = logging.getLogger("idocr")
 
 
-def _setup_logging(verbose: int) -> None:
-    from pipeline.validation import PIIFilter
+def _setup_logging(verbose: int, log_format: str = "text") -> None:
+    from pipeline.logs import configure_logging
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(PIIFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    for noisy in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(verbose, log_format)
 
 
 def _settings() -> Settings:
     try:
         return get_settings()
     except (ConfigError, ValueError) as exc:
-        raise click.ClickException(f"configuration: {exc}") from None
+        raise click.ClickException(f"configuration: {settings_error_message(exc)}") from None
 
 
 def _schema(settings: Settings) -> None:
@@ -63,14 +57,20 @@ def _schema(settings: Settings) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    envvar="IDOCR_LOG_FORMAT", help="json: one object per line, PII masked in every field.",
+)
+def cli(verbose: int, log_format: str) -> None:
     """Batch OCR of Chinese resident ID cards: folders and S3 buckets through Celery workers to
     an OCR provider, results in SQL.
 
     With no configuration everything is embedded: SQLite and Redis in ./.idocr/, and the local
     sandbox provider. See README.md for the IDOCR_* settings.
     """
-    _setup_logging(verbose)
+    # the worker processes `run` starts read the same variable
+    os.environ["IDOCR_LOG_FORMAT"] = log_format
+    _setup_logging(verbose, log_format)
 
 
 # -- the local runtime of `idocr run` ----------------------------------------------------------
@@ -109,17 +109,53 @@ def local_services(settings: Settings) -> Iterator[Settings]:
             sandbox.stop()
 
 
-def _prepare_scan(settings: Settings, location: str, batch_id: str | None):  # type: ignore[no-untyped-def]
-    """The source (or a clear error), a migrated schema, and the batch id to use."""
+def _prepare_scan(settings: Settings, location: str, batch_id: str | None,  # type: ignore[no-untyped-def]
+                  via: str | None = None):
+    """The source (or a clear error), a migrated schema, and the batch id to use. Everything
+    that can be refused is refused here, before anything is scanned or a batch created.
+    ``via`` defaults to the running command's ``--via``; an existing batch keeps its own."""
     from pipeline.producer import new_batch_id
     from pipeline.sources import open_source
 
+    explicit = via is not None
+    ctx = click.get_current_context(silent=True)
+    if via is None and ctx is not None:
+        via = ctx.params.get("via")
+        explicit = ctx.get_parameter_source("via") not in (None, ParameterSource.DEFAULT)
+    via = via or "bytes"
+    batch_via = _batch_via(settings, batch_id) if batch_id else None
+    if batch_via is not None and batch_via != via:
+        if explicit:
+            raise click.UsageError(
+                f"batch {batch_id} was scanned with --via {batch_via}; go on with --via {batch_via}"
+            )
+        via = batch_via
+    if via == "url" and not location.startswith("s3://"):
+        # the provider fetches the image itself: it needs a URL it can reach, and only an
+        # object store can presign one
+        raise click.UsageError(
+            "--via url needs an s3://bucket/prefix source (the provider fetches a presigned "
+            "URL); a folder is sent with --via bytes, the default"
+            + (f" (batch {batch_id} was scanned with --via url)" if batch_via == "url" else "")
+        )
     try:
         src = open_source(location, endpoint_url=settings.s3_endpoint_url)
     except (SourceError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     _schema(settings)
     return src, batch_id or new_batch_id()
+
+
+def _batch_via(settings: Settings, batch_id: str) -> str | None:
+    """How an existing batch sends its images (None: no such batch yet)."""
+    from pipeline.storage.db import current_revision, head_revision, unit_of_work
+    from pipeline.storage.models import Batch
+
+    if current_revision(settings.resolved_database_url) != head_revision():
+        return None  # a new (or not yet migrated) database: no batch to go on with
+    with unit_of_work(settings.resolved_database_url, read_only=True) as s:
+        batch = s.get(Batch, batch_id)
+        return None if batch is None else batch.via
 
 
 def worker_command(settings: Settings, concurrency: int, name: str, beat: bool = False) -> list[str]:
@@ -195,7 +231,7 @@ _retry_failed = click.option(
 
 def _scan_report(rep) -> str:  # type: ignore[no-untyped-def]
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(rep.skipped.items()))
-    return (f"{rep.seen} files: {rep.queued} queued, {rep.rejected} rejected, "
+    return (f"{rep.seen} files: {rep.queued} queued, {rep.rejected} rejected by the scan, "
             f"{rep.duplicates} not sent again ({skipped or 'none'}), "
             f"{rep.already_present} already in the batch")
 
@@ -206,7 +242,7 @@ def _scan_report(rep) -> str:  # type: ignore[no-untyped-def]
 @_via
 @_retry_failed
 @click.option("--output", "output", help="Also write one JSON per image and a manifest here (folder or s3://bucket/prefix).")
-@click.option("-c", "--concurrency", type=int, help="Calls in flight (default IDOCR_CONCURRENCY).")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Calls in flight (default IDOCR_CONCURRENCY).")
 @click.option("--timeout", type=float, help="Stop waiting after this many seconds (exit 3).")
 def run(source: str, batch_id: str | None, via: str, retry_failed: bool, output: str | None,
         concurrency: int | None, timeout: float | None) -> None:
@@ -331,7 +367,7 @@ def scan(source: str, batch_id: str | None, via: str, retry_failed: bool) -> Non
 
 
 @cli.command()
-@click.option("-c", "--concurrency", type=int, help="Calls in flight in this worker (default IDOCR_CONCURRENCY).")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Calls in flight in this worker (default IDOCR_CONCURRENCY).")
 @click.option("-P", "--pool", type=click.Choice(["threads", "prefork"]), default="threads", show_default=True, help="Celery pool: threads suit the I/O-bound calls.")
 @click.option("-n", "--name", default="idocr@%h", show_default=True, help="Worker node name.")
 @click.option("--beat/--no-beat", default=False, help="Also run the beat scheduler (balance checks).")
@@ -347,32 +383,91 @@ def worker(concurrency: int | None, pool: str, name: str, beat: bool, loglevel: 
 
 @cli.command()
 @click.argument("batch_id", required=False)
-def status(batch_id: str | None) -> None:
-    """Counts by status for BATCH (default: the latest), the pause state and the last balance."""
-    from pipeline.runtime import provider_identity
-    from pipeline.storage import repo
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (times in UTC).")
+@click.option(
+    "--watch", "watch", type=float, is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
+    help="A live view, redrawn every SECONDS (2), until every item is final or Ctrl-C.",
+)
+def status(batch_id: str | None, as_json: bool, watch: float | None) -> None:
+    """BATCH's items (default: the latest batch) by status and code, the rate achieved against
+    the limit, an ETA, the pause state and the quota left; on stdout."""
+    import json
+
+    from pipeline.status import NoSuchBatch, collect
     from pipeline.storage.db import unit_of_work
 
     settings = _settings()
     _schema(settings)
-    provider, account = provider_identity(settings)
-    with unit_of_work(settings.resolved_database_url, read_only=True) as s:
-        batch_id = batch_id or repo.latest_batch_id(s)
-        pause = repo.open_pause(s, provider, account)
-        reading = repo.last_balance(s, provider, account)
-        pending = repo.pending_count(s, batch_id) if batch_id else 0
-    err.print(f"provider: {provider} (account {account})")
-    if pause is not None:
-        err.print(f"[yellow]paused ({pause.kind}) since {pause.paused_at:%Y-%m-%d %H:%M:%S %Z}: {pause.reason}")
-    else:
-        err.print("submissions: running")
-    if reading is not None:
-        err.print(f"last balance reading: {reading.remaining} calls left at {reading.taken_at:%Y-%m-%d %H:%M:%S %Z}")
-    if not batch_id:
-        err.print("no batches yet")
+    if watch is not None and watch <= 0:
+        raise click.BadParameter("must be a positive number of seconds", param_hint="--watch")
+
+    def snapshot():  # type: ignore[no-untyped-def]
+        with unit_of_work(settings.resolved_database_url, read_only=True) as s:
+            try:
+                return collect(settings, s, batch_id)
+            except NoSuchBatch:
+                raise click.ClickException(f"no batch {batch_id!r}") from None
+
+    if watch is None:
+        st = snapshot()
+        if as_json:
+            click.echo(json.dumps(st.to_dict(), ensure_ascii=False))
+        else:
+            out.print(_status_view(st))
         return
-    print_summary(settings, batch_id)
-    err.print(f"{pending} items not final yet" if pending else "every item is final")
+    from rich.live import Live
+
+    try:
+        with Live(_status_view(snapshot()), console=out, auto_refresh=False) as live:
+            while True:
+                st = snapshot()
+                if as_json:
+                    click.echo(json.dumps(st.to_dict(), ensure_ascii=False))
+                else:
+                    live.update(_status_view(st), refresh=True)
+                if st.batch is None or st.final:
+                    return
+                time.sleep(watch)
+    except KeyboardInterrupt:
+        return
+
+
+def _status_view(st):  # type: ignore[no-untyped-def]
+    """The human rendering of a BatchStatus: a few lines and the table by status and code."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from pipeline.status import RATE_WINDOW, format_duration
+
+    lines = [Text(f"provider: {st.provider} (account {st.account})")]
+    if st.pause is not None:
+        lines.append(Text(f"paused ({st.pause['kind']}) since {st.pause['since']}: {st.pause['reason']}", style="yellow"))
+    else:
+        lines.append(Text("submissions: running"))
+    if st.balance is not None:
+        lines.append(Text(f"last balance reading: {st.balance['remaining']} calls left at {st.balance['taken_at']}"))
+    if st.quota is not None:
+        lines.append(Text(f"quota left: {st.quota_left} calls ({st.quota['reserved']} in flight)"))
+    if st.batch is None:
+        lines.append(Text("no batches yet"))
+        return Group(*lines)
+    lines.append(Text(
+        f"rate: {st.rate_achieved:.2f} calls/s of {st.rate_limit:g}/s allowed "
+        f"(last {int(RATE_WINDOW)} s)"
+    ))
+    table = Table(title=f"batch {st.batch}")
+    table.add_column("status")
+    table.add_column("code / reason")
+    table.add_column("items", justify="right")
+    for status_, code, n in st.by_code:
+        table.add_row(status_, code, str(n))
+    table.add_row("[bold]total", "", f"[bold]{st.total}")
+    lines.append(table)
+    if st.pending:
+        lines.append(Text(f"{st.pending} items not final yet; ETA {format_duration(st.eta_seconds)}"))
+    else:
+        lines.append(Text("every item is final"))
+    return Group(*lines)
 
 
 @cli.command()
@@ -380,18 +475,32 @@ def status(batch_id: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="File to write (default: stdout).")
 @click.option("--to", "to", help="Instead: one JSON per image and a manifest, in a folder or s3://bucket/prefix.")
-def export(batch_id: str | None, fmt: str, output: Path | None, to: str | None) -> None:
+@click.option(
+    "--excel", is_flag=True,
+    help="CSV for Excel: UTF-8 BOM, ID numbers and other long digit strings kept as text.",
+)
+def export(batch_id: str | None, fmt: str, output: Path | None, to: str | None, excel: bool) -> None:
     """Write BATCH's results (default: the latest batch) as JSONL or CSV. The export is the
     product: it carries the recognised fields unmasked; keep it where ID data may be kept."""
+    from functools import partial
+
     from pipeline.export import records, write_csv, write_jsonl
+    from pipeline.status import latest_batch_id
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
     from pipeline.storage.models import Batch
 
+    if excel:
+        ctx = click.get_current_context()
+        if fmt != "csv" and ctx.get_parameter_source("fmt") != ParameterSource.DEFAULT:
+            raise click.UsageError("--excel writes CSV: use it with --format csv")
+        if to:
+            raise click.UsageError("--excel applies to the CSV export, not to --to")
+        fmt = "csv"
     settings = _settings()
     _schema(settings)
     with unit_of_work(settings.resolved_database_url, read_only=True) as s:
-        batch_id = batch_id or repo.latest_batch_id(s)
+        batch_id = batch_id or latest_batch_id(s)
         if batch_id is None:
             raise click.ClickException("no batches yet")
         if s.get(Batch, batch_id) is None:
@@ -404,7 +513,7 @@ def export(batch_id: str | None, fmt: str, output: Path | None, to: str | None) 
         _write_output(settings, batch_id, to)
         return
     with unit_of_work(settings.resolved_database_url, read_only=True) as s:
-        writer = write_csv if fmt == "csv" else write_jsonl
+        writer = partial(write_csv, excel=excel) if fmt == "csv" else write_jsonl
         if output is None:
             n = writer(records(s, batch_id), sys.stdout)
         else:
@@ -515,17 +624,106 @@ def sandbox(host: str, port: int, truth: tuple[str, ...], quota: int | None, lat
 @cli.command()
 def migrate() -> None:
     """Bring the database schema up to date (Alembic upgrade head)."""
+    from pipeline.storage.db import current_revision, head_revision
+
+    settings = _settings()
+    url = settings.resolved_database_url
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    before = current_revision(url)
+    _schema(settings)
+    head = head_revision()
+    if before is None:
+        err.print(f"schema created (revision {head})")
+    elif before != head:
+        err.print(f"schema upgraded from revision {before} to {head}")
+    else:
+        err.print(f"schema is up to date (revision {head})")
+
+
+@cli.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", default=9100, show_default=True, type=click.IntRange(1, 65535))
+def metrics(host: str, port: int) -> None:
+    """Serve Prometheus metrics on http://HOST:PORT/metrics: the workers' counters on this host
+    (PROMETHEUS_MULTIPROC_DIR) and the state of the work (items by status, queue depth, quota,
+    pause), computed from SQL and Redis at each scrape."""
+    from pipeline.metrics import build_registry, serve
+
     settings = _settings()
     _schema(settings)
-    err.print("schema is up to date")
+    try:
+        server = serve(port, host, build_registry(settings, state=True))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    err.print(f"metrics on http://{host}:{port}/metrics")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+@cli.command()
+def health() -> None:
+    """Exit 0 if the database answers with the current schema and Redis (when configured)
+    answers; otherwise 1 with what is wrong. For container health checks."""
+    import redis
+    from sqlalchemy import text
+
+    from pipeline.storage.db import current_revision, engine_for, head_revision
+
+    settings = _settings()
+    url = settings.resolved_database_url
+    with engine_for(url).connect() as conn:
+        conn.execute(text("SELECT 1"))
+    if current_revision(url) != head_revision():
+        raise click.ClickException("the database schema is not up to date: run idocr migrate")
+    if settings.redis_url:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    click.echo("ok")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error from a library, ID numbers masked."""
+    from pipeline.validation import redact_text
+
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return redact_text(text[0] if text else type(exc).__name__)
 
 
 def main() -> None:
+    """The entry point: every error a user can cause ends as one line on stderr and its exit
+    code, never a traceback; ID numbers in a message (a path can hold one) are masked."""
+    import redis
+    from sqlalchemy.exc import OperationalError
+
+    from pipeline.validation import redact_text
+
     try:
-        cli.main(standalone_mode=True)
-    except ConfigError as exc:
-        err.print(f"[red]configuration: {exc}")
+        code = cli.main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.message = redact_text(exc.message)
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(EXIT_INCOMPLETE)
+    except (ConfigError, ValueError) as exc:
+        if not isinstance(exc, ConfigError) and type(exc).__name__ != "ValidationError":
+            raise
+        err.print(f"[red]configuration: {redact_text(settings_error_message(exc))}")
         sys.exit(EXIT_ERROR)
+    except OperationalError as exc:  # cannot connect, refused login, unwritable file
+        err.print(f"[red]database (IDOCR_DATABASE_URL): {_one_line(exc)}")
+        sys.exit(EXIT_ERROR)
+    except redis.exceptions.ConnectionError as exc:
+        err.print(f"[red]Redis (IDOCR_REDIS_URL) unreachable: {_one_line(exc)}")
+        sys.exit(EXIT_ERROR)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

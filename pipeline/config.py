@@ -33,6 +33,51 @@ class ConfigError(ValueError):
     """The configuration cannot work; the message says which setting and why."""
 
 
+# The schema (JSONB on PostgreSQL, SQLite's locking) is written for these two only.
+_DATABASE_BACKENDS = {"sqlite": "sqlite:///path/idocr.db", "postgresql": "postgresql+psycopg://user@host/db"}
+
+
+def check_database_url(url: str) -> None:
+    """Refuse a database URL that cannot work, naming the variable and what is missing. The URL
+    itself is never quoted: it may carry a password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 - parsed lazily: a port that is not a number fails here
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            "IDOCR_DATABASE_URL is not a database URL (expected e.g. "
+            f"{_DATABASE_BACKENDS['postgresql']})"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in _DATABASE_BACKENDS:
+        raise ConfigError(
+            f"IDOCR_DATABASE_URL names {backend!r}: idocr stores results in SQLite or PostgreSQL "
+            f"(e.g. {_DATABASE_BACKENDS['postgresql']})"
+        )
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"IDOCR_DATABASE_URL names an unknown driver {parsed.drivername!r} "
+            f"(expected e.g. {_DATABASE_BACKENDS[backend]})"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        hint = (
+            "psycopg ships with idocr; write the URL as postgresql+psycopg://…"
+            if backend == "postgresql" and parsed.get_driver_name() != "psycopg"
+            else "pip install 'psycopg[binary]'" if backend == "postgresql" else "install it"
+        )
+        raise ConfigError(
+            f"IDOCR_DATABASE_URL needs the database driver {parsed.get_driver_name()!r}, which is "
+            f"not installed (module {exc.name or 'unknown'!r}): {hint}"
+        ) from None
+
+
 class _TomlProfile(PydanticBaseSettingsSource):
     """Reads the profile named by IDOCR_CONFIG; refuses secrets in it."""
 
@@ -62,7 +107,8 @@ class _TomlProfile(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IDOCR_", extra="ignore")
+    # hide_input_in_errors: a refused value may be a key or a URL with a password in it
+    model_config = SettingsConfigDict(env_prefix="IDOCR_", extra="ignore", hide_input_in_errors=True)
 
     # -- where things live ------------------------------------------------------------------
     data_dir: Path = Path(".idocr")
@@ -128,11 +174,23 @@ class Settings(BaseSettings):
     #: calls in flight per worker process (threads: the work waits on I/O)
     concurrency: int = 8
 
+    # -- operations --------------------------------------------------------------------------
+    #: a worker serves Prometheus metrics on this port (unset: it serves none); with
+    #: PROMETHEUS_MULTIPROC_DIR set, the figures of every process of the host
+    metrics_port: int | None = None
+
     @field_validator("sandbox_truth", mode="before")
     @classmethod
     def _split_paths(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [p for p in v.split(os.pathsep) if p]
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, v: str | None) -> str | None:
+        if v:
+            check_database_url(v)
         return v
 
     @model_validator(mode="after")
@@ -146,6 +204,8 @@ class Settings(BaseSettings):
                 raise ConfigError(f"IDOCR_{name.upper()} must be at least 0 and below 1 (seconds)")
         if self.max_attempts < 1:
             raise ConfigError("IDOCR_MAX_ATTEMPTS must be at least 1")
+        if self.concurrency < 1:
+            raise ConfigError("IDOCR_CONCURRENCY must be at least 1 (calls in flight per worker)")
         return self
 
     @classmethod
@@ -181,6 +241,25 @@ class Settings(BaseSettings):
     @property
     def embedded_redis_db(self) -> Path:
         return (self.data_dir / "redis.db").resolve()
+
+
+def settings_error_message(exc: ValueError) -> str:
+    """One line per refused setting, named as the user sets it (``IDOCR_PROVIDER: must be …``),
+    without pydantic's input echo and documentation links."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for e in exc.errors(include_url=False, include_input=False):
+        err = (e.get("ctx") or {}).get("error")
+        if isinstance(err, ConfigError):
+            lines.append(str(err))  # already names its variable
+            continue
+        field = next((str(part) for part in e["loc"] if isinstance(part, str)), "")
+        msg = e["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+        lines.append(f"IDOCR_{field.upper()}: {msg}" if field else msg)
+    return "; ".join(lines)
 
 
 @lru_cache(maxsize=1)

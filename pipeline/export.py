@@ -2,13 +2,29 @@
 
 A duplicate (the same bytes as another item) carries its original's status and fields, with
 ``duplicate_of`` naming the original's source: every file gets its answer, paid for once.
+
+Times are UTC in ISO 8601 with the offset (``2026-11-21T08:00:00.000000+00:00``) on both
+backends: SQLite hands timestamps back without a zone, PostgreSQL in the session's zone.
+
+Two CSV flavours. The plain one is RFC 4180 UTF-8 for programs. The Excel one (``excel=True``)
+is for people who double-click the file: a UTF-8 byte-order mark, without which Excel reads the
+file in the local ANSI code page and the Chinese fields turn into mojibake; and every value
+Excel would take for a number written as the formula ``="…"``. Excel keeps only 15 significant
+digits, so an 18-digit ID number opened as a number becomes ``1.10105E+17`` and its last three
+digits are lost for good; a leading apostrophe is shown literally when a CSV is opened, and a
+leading tab keeps the text but stays inside the cell (it travels into every copy, lookup and
+re-export); ``="…"`` is evaluated on opening to exactly the text between the quotes. Recognised
+text that starts like a formula (``=``, ``+``, ``-``, ``@``) is neutralised with a leading
+apostrophe so a crafted card cannot put a live formula into the sheet.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from sqlalchemy import func, select
@@ -24,6 +40,15 @@ FIELDS = (
 )
 _RESULT_FIELDS = ("side", "name", "gender", "ethnicity", "date_of_birth", "domicile", "id_number",
                   "issue_authority", "valid_from", "valid_to", "quality", "checks")
+
+
+def utc_iso(value: datetime | None) -> str | None:
+    """``value`` in UTC, ISO 8601 with the offset and microseconds, whatever the backend gave:
+    a naive datetime (SQLite) is UTC already (every timestamp is written as UTC)."""
+    if value is None:
+        return None
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")
 
 
 def records(session: Session, batch_id: str, chunk: int = 1000) -> Iterator[dict[str, Any]]:
@@ -53,7 +78,7 @@ def records(session: Session, batch_id: str, chunk: int = 1000) -> Iterator[dict
             "ocrid": src.ocrid,
             "attempts": item.attempts,
             "duplicate_of": original.source_uri if original is not None else None,
-            "updated_at": src.updated_at.isoformat() if src.updated_at else None,
+            "updated_at": utc_iso(src.updated_at),
         }
         for f in _RESULT_FIELDS:
             rec[f] = getattr(result, f) if result is not None else None
@@ -69,7 +94,45 @@ def write_jsonl(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
     return n
 
 
-def write_csv(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
+#: columns that are identifiers, never quantities: always text in the Excel flavour
+EXCEL_TEXT_COLUMNS = frozenset({"id_number", "sha256", "ocrid", "code"})
+# What Excel's CSV reader would turn into a number: digits with separators, a sign, a decimal
+# point, an exponent (a hex digest such as "12e45" reads as 1.2E+46), a percent sign.
+_NUMBER_LIKE = re.compile(r"\s*[+-]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][+-]?\d+)?%?\s*")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# Excel refuses a string constant longer than this inside a formula.
+_EXCEL_CONSTANT_MAX = 255
+
+
+def _mangled_as_number(value: str) -> bool:
+    """Excel would read ``value`` as a number and show it differently: leading zeros dropped,
+    digits beyond the 15th zeroed, an exponent or thousands separators interpreted. Plain small
+    numbers (attempts) stay numbers."""
+    if not _NUMBER_LIKE.fullmatch(value):
+        return False
+    digits = sum(c.isdigit() for c in value)
+    v = value.strip().lstrip("+-")
+    return digits > 15 or (len(v) > 1 and v[0] == "0" and v[1].isdigit()) or any(
+        c in v for c in "eE,%"
+    )
+
+
+def excel_cell(column: str, value: str) -> str:
+    """``value`` as Excel should show it (see the module docstring)."""
+    if not value:
+        return value
+    if column in EXCEL_TEXT_COLUMNS or _mangled_as_number(value):
+        if len(value) <= _EXCEL_CONSTANT_MAX:
+            return '="' + value.replace('"', '""') + '"'
+    if value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def write_csv(rows: Iterator[dict[str, Any]], out: IO[str], *, excel: bool = False) -> int:
+    """Write the records as CSV; ``excel``: the flavour Excel opens right (module docstring)."""
+    if excel:
+        out.write("\ufeff")
     w = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
     w.writeheader()
     n = 0
@@ -77,6 +140,9 @@ def write_csv(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
         flat = dict(rec)
         flat["quality"] = "|".join(rec["quality"]) if rec["quality"] else ""
         flat["checks"] = json.dumps(rec["checks"], ensure_ascii=False) if rec["checks"] else ""
-        w.writerow({k: ("" if v is None else v) for k, v in flat.items()})
+        row = {k: ("" if v is None else str(v)) for k, v in flat.items()}
+        if excel:
+            row = {k: excel_cell(k, v) for k, v in row.items()}
+        w.writerow(row)
         n += 1
     return n

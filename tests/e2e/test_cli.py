@@ -104,7 +104,7 @@ def test_wrong_key_stops_the_run_and_fails_no_image(tmp_path: Path, sandbox_fact
     assert not [r for r in records.values() if r["status"] == "failed"]
     assert sandbox.stats.billed == 0
     st = idocr("status", env=env, cwd=tmp_path)
-    assert "paused (auth)" in st.stderr
+    assert "paused (auth)" in st.stdout
 
 
 def _start_worker(env: dict[str, str], cwd: Path, name: str) -> subprocess.Popen[bytes]:
@@ -140,11 +140,11 @@ def test_scan_then_two_workers_on_postgresql_and_redis(tmp_path: Path, sandbox_f
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             st = idocr("status", batch, env=env, cwd=tmp_path)
-            if "every item is final" in st.stderr:
+            if "every item is final" in st.stdout:
                 break
             time.sleep(1)
         else:
-            pytest.fail("workers did not finish: " + st.stderr + (tmp_path / "w1.log").read_text())
+            pytest.fail("workers did not finish: " + st.stdout + st.stderr + (tmp_path / "w1.log").read_text())
     finally:
         for w in workers:
             _stop(w)

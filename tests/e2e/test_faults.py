@@ -137,7 +137,7 @@ def test_wrong_showapi_key_stops_the_run_and_fails_no_image(tmp_path: Path, sand
     # Calls already past the gate when the first refusal paused the account still go out (at
     # most one per worker thread); none starts after it.
     assert 1 <= sandbox.stats.by_endpoint["showapi.ocr"] <= 4, sandbox.stats.by_endpoint
-    assert "paused (auth)" in idocr("status", env=env, cwd=tmp_path).stderr
+    assert "paused (auth)" in idocr("status", env=env, cwd=tmp_path).stdout
 
 
 def test_a_rejected_signature_time_stops_the_run_with_a_clock_message(tmp_path: Path, sandbox_factory) -> None:  # type: ignore[no-untyped-def]
@@ -151,4 +151,4 @@ def test_a_rejected_signature_time_stops_the_run_with_a_clock_message(tmp_path: 
     records = export(env, tmp_path)
     assert not [r for r in records.values() if r["status"] == "failed"]
     assert sandbox.stats.billed == 0
-    assert "paused (clock)" in idocr("status", env=env, cwd=tmp_path).stderr
+    assert "paused (clock)" in idocr("status", env=env, cwd=tmp_path).stdout

@@ -42,10 +42,10 @@ def export(env: dict[str, str], cwd: Path, batch: str) -> dict[str, dict[str, An
 
 
 def status(*args: str, env: dict[str, str], cwd: Path) -> str:
-    """`idocr status` as one line of words (rich wraps at 80 columns when stderr is no terminal)."""
+    """`idocr status` as one line of words (rich wraps at 80 columns when stdout is no terminal)."""
     res = idocr("status", *args, env=env, cwd=cwd)
     assert res.returncode == 0, res.stderr
-    return " ".join(res.stderr.split())
+    return " ".join(res.stdout.split())
 
 
 def statuses(records: dict[str, dict[str, Any]]) -> Counter[str]:
