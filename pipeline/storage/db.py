@@ -53,16 +53,41 @@ def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _drop_row_details(context) -> None:  # type: ignore[no-untyped-def]
+    # PostgreSQL's DETAIL line quotes the row or key a constraint refused ("Failing row
+    # contains (…)", "Key (source_key)=(…) already exists"): the values hide_parameters hides.
+    # It is dropped from both the driver's and SQLAlchemy's message (found by its text, as the
+    # server may word "DETAIL" in another language); code that needs it still has
+    # ``orig.diag.message_detail``.
+    diag = getattr(context.original_exception, "diag", None)
+    detail = getattr(diag, "message_detail", None)
+    for exc in (context.original_exception, context.sqlalchemy_exception):
+        if exc is not None and exc.args and isinstance(exc.args[0], str):
+            kept = [
+                line
+                for line in exc.args[0].split("\n")
+                if not line.startswith("DETAIL:") and not (detail and detail in line)
+            ]
+            exc.args = ("\n".join(kept), *exc.args[1:])
+
+
 def make_engine(url: str) -> Engine:
+    # hide_parameters: a failed statement's exception (and so any log line or stored message
+    # quoting it) shows the SQL without its bound values, which are names, addresses and ID
+    # numbers when the statement writes a result.
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True
+    )
+    event.listen(engine, "handle_error", _drop_row_details)
+    return engine
 
 
 @lru_cache(maxsize=8)
