@@ -227,6 +227,31 @@ _via = click.option(
 _retry_failed = click.option(
     "--retry-failed", is_flag=True, help="Also re-queue the batch's items whose retries ran out on transient errors.",
 )
+_retry_unknown = click.option(
+    "--retry-unknown", is_flag=True,
+    help="Also re-queue items whose worker died while the provider had them (they may have been billed).",
+)
+
+
+def _requeue_batch(settings: Settings, batch_id: str, report, retry_failed: bool,  # type: ignore[no-untyped-def]
+                   retry_unknown: bool) -> None:
+    """After scanning into an existing batch: items an earlier run left waiting get a message
+    again (a duplicate message is harmless: the claim is a compare-and-set), and on request
+    failed ones are queued again."""
+    from pipeline import producer
+    from pipeline.queueing import enqueue_items
+
+    url = settings.resolved_database_url
+    if report.already_present:
+        stale = datetime.now(UTC) - timedelta(seconds=settings.claim_lease)
+        n = producer.requeue(url, batch_id, enqueue_items, stale_before=stale)
+        if n:
+            err.print(f"{n} items an earlier run left waiting sent again")
+    if retry_failed:
+        err.print(f"{producer.retry_failed(url, batch_id, enqueue_items)} items that failed transiently re-queued")
+    if retry_unknown:
+        n = producer.retry_failed(url, batch_id, enqueue_items, reasons=("unknown",))
+        err.print(f"{n} items whose answer was lost re-queued")
 
 
 def _scan_report(rep) -> str:  # type: ignore[no-untyped-def]
@@ -241,11 +266,12 @@ def _scan_report(rep) -> str:  # type: ignore[no-untyped-def]
 @click.option("--batch", "batch_id", help="Batch id; give an existing one to resume or extend it.")
 @_via
 @_retry_failed
+@_retry_unknown
 @click.option("--output", "output", help="Also write one JSON per image and a manifest here (folder or s3://bucket/prefix).")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Calls in flight (default IDOCR_CONCURRENCY).")
 @click.option("--timeout", type=float, help="Stop waiting after this many seconds (exit 3).")
-def run(source: str, batch_id: str | None, via: str, retry_failed: bool, output: str | None,
-        concurrency: int | None, timeout: float | None) -> None:
+def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool,
+        output: str | None, concurrency: int | None, timeout: float | None) -> None:
     """Scan SOURCE (a folder or s3://bucket/prefix), process it with local workers, and wait.
 
     On the embedded default this starts Redis and the sandbox provider itself.
@@ -276,13 +302,7 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, output:
                 )
             except (SourceError, ValueError) as exc:
                 raise click.ClickException(str(exc)) from None
-            # resuming a batch: items left queued by an earlier run get a message again
-            if report.already_present:
-                stale = datetime.now(UTC) - timedelta(seconds=settings.claim_lease)
-                producer.requeue(url, batch_id, enqueue_items, stale_before=stale)
-            if retry_failed:
-                n = producer.retry_failed(url, batch_id, enqueue_items)
-                log.warning("re-queued %d items that had failed transiently", n)
+            _requeue_batch(settings, batch_id, report, retry_failed, retry_unknown)
             progress.update(task, description="processing")
             try:
                 code = _wait(settings, provider, batch_id, worker, progress, task, started, timeout)
@@ -307,8 +327,14 @@ def _wait(settings: Settings, provider, batch_id: str, worker, progress, task,  
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
 
+    from pipeline.queueing import enqueue_items, queue_depth
+    from pipeline.runtime import build_reconciler
+
     url = settings.resolved_database_url
     last_balance = 0.0
+    # `run` is its own reconciler (no beat here): lost messages and dead workers' claims
+    reconciler = build_reconciler(settings, enqueue_items, queue_depth)
+    last_reconcile = time.monotonic()
     while True:
         with unit_of_work(url, read_only=True) as s:
             counts = repo.status_counts(s, batch_id)
@@ -326,6 +352,12 @@ def _wait(settings: Settings, provider, batch_id: str, worker, progress, task,  
         if pause is not None and pause.kind == "quota" and time.monotonic() - last_balance > min(settings.balance_interval, 5.0):
             last_balance = time.monotonic()
             control.check_balance(settings, provider)
+        if time.monotonic() - last_reconcile >= settings.reconcile_interval:
+            last_reconcile = time.monotonic()
+            try:
+                reconciler.run_once()
+            except Exception as exc:  # the database or Redis away: the next pass tries again
+                log.warning("reconciler pass failed (%s)", type(exc).__name__)
         if worker.poll() is not None:
             err.print(f"[red]the worker process exited ({worker.returncode}); see {settings.data_dir / 'logs' / 'worker.log'}")
             return EXIT_INCOMPLETE
@@ -345,7 +377,8 @@ def _detail(counts: dict[str, int], pause) -> str:  # type: ignore[no-untyped-de
 @click.option("--batch", "batch_id", help="Batch id (default: a new one); rescanning into it adds only what is new.")
 @_via
 @_retry_failed
-def scan(source: str, batch_id: str | None, via: str, retry_failed: bool) -> None:
+@_retry_unknown
+def scan(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool) -> None:
     """Scan SOURCE and enqueue its items for workers started elsewhere; prints the batch id."""
     from pipeline import producer
     from pipeline.queueing import enqueue_items
@@ -361,8 +394,7 @@ def scan(source: str, batch_id: str | None, via: str, retry_failed: bool) -> Non
     except (SourceError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     err.print(_scan_report(rep))
-    if retry_failed:
-        err.print(f"{producer.retry_failed(url, batch_id, enqueue_items)} failed items re-queued")
+    _requeue_batch(settings, batch_id, rep, retry_failed, retry_unknown)
     click.echo(batch_id)
 
 

@@ -147,9 +147,23 @@ class Settings(BaseSettings):
     max_attempts: int = 8
     retry_initial: float = 1.0
     retry_max: float = 30.0
-    #: An item claimed by a worker that has made no call for this long is claimed again (the
-    #: worker died); longer than any call with its retries.
-    claim_lease: float = 900.0
+    # -- recovery (README "Recovery": the four values work together) --------------------------
+    #: A claim not renewed for this long belongs to a dead worker and is taken over. A live task
+    #: renews its claims every claim_lease / 4 (heartbeat), so this can be short.
+    claim_lease: float = 60.0
+    #: Seconds between reconciler passes (beat task, and `idocr run` itself): stale claims,
+    #: items queued with no message left (a broker that lost its data), journaled answers.
+    reconcile_interval: float = 15.0
+    #: The broker redelivers a message whose worker has not acknowledged it for this long; the
+    #: claim makes such a redelivery harmless, the reconciler makes recovery independent of it.
+    broker_visibility_timeout: float = 3600.0
+    #: How long a task waits out a database or Redis outage (retrying with backoff) before it
+    #: hands its message back; the reconciler finds the item again either way.
+    infra_retry_for: float = 3600.0
+    #: After a takeover, send again an image whose call was in flight when its worker died
+    #: (the provider may have billed it and the answer is lost). Off: the item fails with
+    #: reason "unknown" and `--retry-unknown` sends it again on request.
+    resend_unknown: bool = False
     #: Global submissions per second per provider account, shared by every worker.
     rate_limit: float = 10.0
     rate_burst: int = 1
@@ -206,6 +220,17 @@ class Settings(BaseSettings):
             raise ConfigError("IDOCR_MAX_ATTEMPTS must be at least 1")
         if self.concurrency < 1:
             raise ConfigError("IDOCR_CONCURRENCY must be at least 1 (calls in flight per worker)")
+        if self.claim_lease < 4:
+            raise ConfigError("IDOCR_CLAIM_LEASE must be at least 4 seconds (claims are renewed "
+                              "every quarter of it)")
+        if not 0 < self.reconcile_interval <= self.claim_lease:
+            raise ConfigError("IDOCR_RECONCILE_INTERVAL must be positive and at most "
+                              f"IDOCR_CLAIM_LEASE ({self.claim_lease:g} s)")
+        if self.broker_visibility_timeout < self.claim_lease:
+            raise ConfigError("IDOCR_BROKER_VISIBILITY_TIMEOUT must be at least IDOCR_CLAIM_LEASE "
+                              f"({self.claim_lease:g} s)")
+        if self.infra_retry_for <= 0:
+            raise ConfigError("IDOCR_INFRA_RETRY_FOR must be positive (seconds)")
         return self
 
     @classmethod
@@ -227,6 +252,11 @@ class Settings(BaseSettings):
         if self.ihuyi_account and self.ihuyi_api_key:
             return "ihuyi"
         return "sandbox"
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a live task renews its claims: four chances within one lease."""
+        return self.claim_lease / 4
 
     @property
     def resolved_database_url(self) -> str:

@@ -11,7 +11,17 @@ Money rules, in code order:
 * every call first takes a slot from the global rate limiter and a reservation from the quota
   ledger, and is recorded as an attempt *before* it is sent, so a crash mid-call leaves an
   attempt with no outcome (unknown: it may have been billed), never a silent double charge;
-* only transient failures are retried (tenacity, exponential backoff with jitter, bounded).
+* only transient failures are retried (tenacity, exponential backoff with jitter, bounded);
+* the database and Redis failing are not the image's fault: every step that needs them waits
+  the outage out (:mod:`pipeline.resilience`) instead of failing the item or dropping its message;
+* a paid answer is written together with its attempt and the item's final status, in one
+  transaction guarded by the claim; if that write fails the answer goes to the journal
+  (:mod:`pipeline.journal`) first, and a takeover or the reconciler uses it instead of calling
+  again;
+* a takeover (the claim's lease ran out: its worker died) settles what the lost worker left:
+  a journaled answer is used; an attempt that never left (no sent mark) is dropped; one that
+  may have reached the provider is closed ``unknown`` and the item fails with reason
+  ``unknown`` rather than paying again (unless ``resend_unknown``).
 """
 
 from __future__ import annotations
@@ -26,8 +36,11 @@ from typing import Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from pipeline.heartbeat import Heartbeat
 from pipeline.images import ImageLimits, ImageRejected, prepare, sniff
+from pipeline.journal import AnswerJournal, Entry, SentMarks
 from pipeline.providers.base import ImagePayload, Outcome, Provider, ProviderResult
+from pipeline.resilience import OutageTooLong, is_infra_error, outlast
 from pipeline.sources import read_uri
 from pipeline.sources.base import SourceError
 from pipeline.storage import repo
@@ -41,16 +54,14 @@ log = logging.getLogger(__name__)
 BILLED = frozenset({Outcome.OK, Outcome.IMAGE, Outcome.UNKNOWN, Outcome.ERROR})
 #: outcomes that stop every submission to the account until someone (or the monitor) resumes
 PAUSING = {Outcome.QUOTA: "quota", Outcome.AUTH: "auth", Outcome.CLOCK: "clock"}
+#: answers that settle the item: paid for, and never to be asked for again
+ANSWERS = frozenset({Outcome.OK, Outcome.IMAGE, Outcome.ERROR})
 
 
 class RateLimiterLike(Protocol):
     def acquire(
         self, timeout: float | None = None, *, before_slot: Callable[[], None] | None = None
     ) -> float: ...
-
-
-class QuotaLike(Protocol):
-    def reserve(self): ...  # type: ignore[no-untyped-def]  # -> context manager with .billed()
 
 
 class QuotaExhaustedLike(Exception):
@@ -93,6 +104,57 @@ def pause_reason(result: ProviderResult, provider: str) -> str:
     )
 
 
+def result_row(item_id: int, provider: str, result: ProviderResult, today: datetime) -> Result:
+    side = result.side or ""
+    f = result.fields
+    return Result(
+        item_id=item_id,
+        provider=provider,
+        side=result.side,
+        name=f.get("name"),
+        gender=f.get("gender"),
+        ethnicity=f.get("ethnicity"),
+        date_of_birth=f.get("date_of_birth"),
+        domicile=f.get("domicile"),
+        id_number=f.get("id_number"),
+        issue_authority=f.get("issue_authority"),
+        valid_from=f.get("valid_from"),
+        valid_to=f.get("valid_to"),
+        quality=result.extra.get("quality"),
+        checks=check_fields(side, f, today=today.date()) if side else {},
+        raw=result.raw,
+    )
+
+
+def apply_answer(session: Any, entry: Entry, guard: Any, today: datetime) -> str | None:
+    """Write a paid answer: its attempt closed, the item's final status and, for a success, its
+    result — where ``guard`` still holds. Returns the status, or None when the item was no longer
+    the writer's to settle (the attempt is recorded all the same)."""
+    r = entry.result
+    repo.finish_attempt(
+        session, entry.attempt_id, outcome=r.outcome.value, code=r.code, msg=r.msg,
+        http_status=r.http_status, elapsed_ms=entry.elapsed_ms or 0, ocrid=r.ocrid,
+    )
+    values: dict[str, Any] = {"code": r.code, "msg": r.msg, "ocrid": r.ocrid}
+    if entry.sha256:
+        values["sha256"] = entry.sha256
+    if r.outcome is Outcome.OK:
+        if not repo.settle(session, entry.item_id, ItemStatus.SUCCEEDED, guard, reason=None, **values):
+            return None
+        repo.save_result(session, result_row(entry.item_id, entry.provider, r, today))
+        return ItemStatus.SUCCEEDED
+    reason = "image" if r.outcome is Outcome.IMAGE else "refused"
+    if not repo.settle(session, entry.item_id, ItemStatus.FAILED, guard, reason=reason, **values):
+        return None
+    return ItemStatus.FAILED
+
+
+UNKNOWN_MSG = (
+    "the worker was lost while the provider had this image: it may have been billed and the "
+    "answer is lost; `--retry-unknown` sends it again"
+)
+
+
 class Processor:
     def __init__(
         self,
@@ -110,8 +172,13 @@ class Processor:
         head_reader: Callable[[str], bytes] | None = None,
         url_for: Callable[[str], str] | None = None,
         first_claim: Callable[[str, int], int] | None = None,
-        claim_lease: timedelta = timedelta(minutes=15),
+        claim_lease: timedelta = timedelta(minutes=1),
         enqueue: Callable[[list[int]], None] | None = None,
+        journal: AnswerJournal | None = None,
+        sent_marks: SentMarks | None = None,
+        heartbeat: Heartbeat | None = None,
+        infra_patience: float = 3600.0,
+        resend_unknown: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         today: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -130,24 +197,80 @@ class Processor:
         self.first_claim = first_claim
         self.claim_lease = claim_lease
         self.enqueue = enqueue
+        self.journal = journal
+        self.sent_marks = sent_marks
+        self.heartbeat = heartbeat
+        self.infra_patience = infra_patience
+        self.resend_unknown = resend_unknown
         self.sleep = sleep
         self.today = today
 
+    def _outlast(self, fn: Callable[[], Any], what: str) -> Any:
+        return outlast(fn, what, patience=self.infra_patience, sleep=self.sleep)
+
     # -- the task body -------------------------------------------------------------------------
     def process(self, item_id: int) -> str:
-        """Returns the item's status after this delivery ("skipped": someone else has it)."""
+        """Returns the item's status after this delivery ("skipped": someone else has it).
+        Raises :class:`~pipeline.resilience.OutageTooLong` when the database or Redis stayed
+        away for the whole patience: the caller hands the message back."""
+        if self.heartbeat is not None:
+            self.heartbeat.hold(item_id)
+        try:
+            claimed = self._outlast(lambda: self._claim(item_id), f"item {item_id}: claim")
+            if isinstance(claimed, str):
+                return claimed
+            try:
+                return self._work(item_id, *claimed)
+            except (OutageTooLong, _Paused):
+                raise
+            except Exception as exc:
+                if is_infra_error(exc):
+                    raise
+                # A defect, not the image's fault and not the infrastructure's: the item ends
+                # failed with the class named, instead of coming back with every takeover.
+                log.error("item %s: %s in the worker", item_id, type(exc).__name__)
+                return self._finish(item_id, ItemStatus.FAILED, reason="internal_error",
+                                    msg=f"{type(exc).__name__} in the worker; see its log")
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.release(item_id)
+
+    def _claim(self, item_id: int) -> str | tuple[str, str | None, int | None, str]:
+        """The claim, and what a lost predecessor left behind, in one transaction: (uri, sha256,
+        size, via) to go on with, or the status this delivery ends with."""
+        applied: str | None = None
         with unit_of_work(self.db) as s:
             item = repo.claim(s, item_id, self.worker_id, stale_before=utcnow() - self.claim_lease)
             if item is None:
-                log.info("item %s: not queued any more, delivery ignored", item_id)
+                log.debug("item %s: not queued any more, delivery ignored", item_id)
                 return "skipped"
-            if repo.park_if_paused(s, item_id, self.provider.name, self.provider.account):
-                return ItemStatus.PAUSED
-            uri, sha, size = item.source_uri, item.sha256, item.size
-            via = repo.batch_via(s, item.batch_id)
+            entry = self.journal.get(item_id) if self.journal is not None else None
+            if entry is not None:
+                # a paid answer its worker could not write: use it, never call again
+                applied = apply_answer(s, entry, repo.answerable(worker=self.worker_id), self.today())
+            else:
+                lost = repo.open_attempts(s, item_id)
+                if lost:
+                    sent = self.sent_marks.sent(lost) if self.sent_marks is not None else set(lost)
+                    for attempt_id in lost:
+                        if attempt_id not in sent:
+                            repo.delete_attempt(s, attempt_id)  # it never left the worker
+                    repo.close_attempts_unknown(s, sorted(sent))
+                    if sent and not self.resend_unknown:
+                        repo.set_status(s, item_id, ItemStatus.FAILED, reason=repo.UNKNOWN, msg=UNKNOWN_MSG)
+                        return ItemStatus.FAILED
+                if repo.park_if_paused(s, item_id, self.provider.name, self.provider.account):
+                    return ItemStatus.PAUSED
+                return item.source_uri, item.sha256, item.size, repo.batch_via(s, item.batch_id)
+        if self.journal is not None:
+            self.journal.drop(item_id)
+        if applied == ItemStatus.SUCCEEDED:
+            self._pair(item_id)
+        return applied or "skipped"
+
+    def _work(self, item_id: int, uri: str, sha: str | None, size: int | None, via: str) -> str:
         if via == "url":
             return self._process_by_url(item_id, uri, size)
-
         try:
             data = self.reader(uri)
         except SourceError as exc:
@@ -176,12 +299,17 @@ class Processor:
     def _original_of(self, item_id: int, digest: str) -> int | None:
         """Another item with these bytes that succeeded or is on its way, or None. Two workers
         meeting the same bytes at once agree through ``first_claim`` (first one wins)."""
-        with unit_of_work(self.db, read_only=True) as s:
-            known = repo.canonical_items(s, [digest]).get(digest)
+
+        def look() -> int | None:
+            with unit_of_work(self.db, read_only=True) as s:
+                return repo.canonical_items(s, [digest]).get(digest)
+
+        known = self._outlast(look, f"item {item_id}: same-content look-up")
         if known is not None and known != item_id:
             return known
         if self.first_claim is not None:
-            winner = self.first_claim(digest, item_id)
+            winner = self._outlast(lambda: self.first_claim(digest, item_id),  # type: ignore[misc]
+                                   f"item {item_id}: same-content claim")
             if winner != item_id:
                 return winner
         return None
@@ -212,7 +340,11 @@ class Processor:
         if fmt not in self.limits.allowed:
             return self._finish(item_id, ItemStatus.REJECTED, reason="unsupported_format",
                                 msg=f"{fmt.upper()} is not accepted by the provider (JPG, JPEG, PNG, BMP, PDF)")
-        return self._submit(item_id, ImagePayload(url=self.url_for(uri)), None)
+        try:
+            url = self.url_for(uri)
+        except SourceError as exc:
+            return self._finish(item_id, ItemStatus.REJECTED, reason="no_url", msg=str(exc))
+        return self._submit(item_id, ImagePayload(url=url), None)
 
     # -- calling the provider ------------------------------------------------------------------
     def _submit(self, item_id: int, payload: ImagePayload, digest: str | None) -> str:
@@ -231,7 +363,7 @@ class Processor:
             for attempt in retrying:
                 with attempt:
                     calls += 1
-                    result = self._call_once(item_id, calls, call)
+                    result, attempt_id, elapsed = self._call_once(item_id, calls, call)
                     if result.outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN):
                         raise _Again(result)
                     if result.outcome is Outcome.CLOCK and not clock_resigned:
@@ -252,41 +384,42 @@ class Processor:
                 self._pause(p.kind, p.reason)
             return self._park(item_id, sha256=digest)
 
-        if result.outcome is Outcome.OK:
-            return self._succeed(item_id, result, digest)
+        if result.outcome in ANSWERS:
+            return self._settle(Entry(item_id, attempt_id, self.provider.name, digest, result,
+                                      self.worker_id, elapsed))
         if result.outcome in PAUSING:
             self._pause(PAUSING[result.outcome], pause_reason(result, self.provider.name))
             return self._park(item_id, sha256=digest, code=result.code, msg=result.msg)
-        reason = "image" if result.outcome is Outcome.IMAGE else "refused"
-        return self._finish(
-            item_id, ItemStatus.FAILED, reason=reason, code=result.code, msg=result.msg,
-            ocrid=result.ocrid, sha256=digest,
-        )
+        raise AssertionError(f"unhandled outcome {result.outcome}")  # pragma: no cover
 
-    def _call_once(self, item_id: int, number: int, call: Any) -> ProviderResult:
+    def _call_once(self, item_id: int, number: int, call: Any) -> tuple[ProviderResult, int, int]:
+        """One call: (answer, attempt id, ms). An answer that settles the item leaves its attempt
+        open: it is closed in the same transaction as the item's final status."""
         self._check_gate()
         reservation = None
         if self.quota is not None:
             try:
-                reservation = self.quota.reserve()
+                reservation = self._outlast(self.quota.reserve, "quota reservation")
             except self.quota_exhausted as exc:
                 raise _Paused("quota", f"{self.provider.name} quota at its low watermark ({exc}); "
                               "submissions resume when a balance reading shows it topped up",
                               new=True) from None
         try:
-            with unit_of_work(self.db) as s:
-                attempt_id = repo.start_attempt(s, item_id, number, self.provider.name).id
-                # each call renews the claim: only a worker silent for a whole lease loses it
-                repo.set_status(s, item_id, ItemStatus.SUBMITTING, attempts=number, claimed_at=utcnow())
+            attempt_id = self._outlast(lambda: self._start_attempt(item_id, number),
+                                       f"item {item_id}: attempt record")
             # The slot is taken last, right before the send: work between the two would shift
             # calls in time and let more than the rate arrive within some second. A pause that
             # came while we waited is seen just before the slot.
             if self.limiter is not None:
-                self.limiter.acquire(before_slot=lambda: self._check_gate(
-                    unsent_attempt=attempt_id, reserved=reservation is not None))
+                limiter = self.limiter
+                self._outlast(lambda: limiter.acquire(before_slot=lambda: self._check_gate(
+                    unsent_attempt=attempt_id, reserved=reservation is not None)), "rate limiter")
+            if self.sent_marks is not None:
+                marks = self.sent_marks
+                self._outlast(lambda: marks.mark(attempt_id), "sent mark")
         except BaseException:
             if reservation is not None:
-                reservation.release()
+                self._settle_reservation(reservation.release)
             raise
         started = time.monotonic()
         result: ProviderResult | None = None
@@ -295,22 +428,50 @@ class Processor:
         finally:
             if reservation is not None:
                 # no result means the client itself blew up mid-call: count it as billed
-                reservation.commit(result is None or result.outcome in BILLED)
+                billed = result is None or result.outcome in BILLED
+                self._settle_reservation(lambda: reservation.commit(billed))
         elapsed = int((time.monotonic() - started) * 1000)
-        with unit_of_work(self.db) as s:
-            repo.finish_attempt(
-                s, attempt_id, outcome=result.outcome.value, code=result.code, msg=result.msg,
-                http_status=result.http_status, elapsed_ms=elapsed, ocrid=result.ocrid,
-            )
-        log.info(
+        log.debug(
             "item %s attempt %d: %s code=%s in %d ms",
             item_id, number, result.outcome.value, result.code, elapsed,
         )
-        return result
+        if result.outcome not in ANSWERS:
+
+            def finish() -> None:
+                with unit_of_work(self.db) as s:
+                    repo.finish_attempt(
+                        s, attempt_id, outcome=result.outcome.value, code=result.code,
+                        msg=result.msg, http_status=result.http_status, elapsed_ms=elapsed,
+                        ocrid=result.ocrid,
+                    )
+
+            self._outlast(finish, f"item {item_id}: attempt outcome")
+        return result, attempt_id, elapsed
+
+    def _start_attempt(self, item_id: int, number: int) -> int:
+        with unit_of_work(self.db) as s:
+            attempt_id = repo.start_attempt(s, item_id, number, self.provider.name).id
+            # each call renews the claim too
+            repo.set_status(s, item_id, ItemStatus.SUBMITTING, attempts=number, claimed_at=utcnow())
+        return attempt_id
+
+    @staticmethod
+    def _settle_reservation(settle: Callable[[], None]) -> None:
+        # The ledger's bookkeeping: an unreachable Redis loses one reservation (it expires)
+        # and never holds up an answer already paid for.
+        try:
+            settle()
+        except Exception as exc:
+            if not is_infra_error(exc):
+                raise
+            log.warning("quota reservation not settled (%s); it expires on its own", type(exc).__name__)
 
     def _check_gate(self, unsent_attempt: int | None = None, reserved: bool = False) -> None:
-        with unit_of_work(self.db, read_only=True) as s:
-            pause = repo.open_pause(s, self.provider.name, self.provider.account)
+        def read() -> Any:
+            with unit_of_work(self.db, read_only=True) as s:
+                return repo.open_pause(s, self.provider.name, self.provider.account)
+
+        pause = self._outlast(read, "pause gate")
         if pause is None:
             return
         if reserved and pause.kind == "quota" and self._reservations_covered():
@@ -319,8 +480,12 @@ class Processor:
             # would leave paid quota unused and make the pause flap at every balance reading.
             return
         if unsent_attempt is not None:
-            with unit_of_work(self.db) as s:
-                repo.delete_attempt(s, unsent_attempt)  # it was never sent
+
+            def drop() -> None:
+                with unit_of_work(self.db) as s:
+                    repo.delete_attempt(s, unsent_attempt)  # it was never sent
+
+            self._outlast(drop, "unsent attempt")
         raise _Paused(pause.kind, pause.reason)
 
     def _reservations_covered(self) -> bool:
@@ -337,38 +502,37 @@ class Processor:
         return remaining is not None and remaining > getattr(self.quota, "low_watermark", 0)
 
     # -- persisting ----------------------------------------------------------------------------
-    def _succeed(self, item_id: int, result: ProviderResult, digest: str | None) -> str:
-        side = result.side or ""
-        checks = check_fields(side, result.fields, today=self.today().date()) if side else {}
-        f = result.fields
-        with unit_of_work(self.db) as s:
-            repo.save_result(
-                s,
-                Result(
-                    item_id=item_id,
-                    provider=self.provider.name,
-                    side=result.side,
-                    name=f.get("name"),
-                    gender=f.get("gender"),
-                    ethnicity=f.get("ethnicity"),
-                    date_of_birth=f.get("date_of_birth"),
-                    domicile=f.get("domicile"),
-                    id_number=f.get("id_number"),
-                    issue_authority=f.get("issue_authority"),
-                    valid_from=f.get("valid_from"),
-                    valid_to=f.get("valid_to"),
-                    quality=result.extra.get("quality"),
-                    checks=checks,
-                    raw=result.raw,
-                ),
-            )
-            repo.set_status(
-                s, item_id, ItemStatus.SUCCEEDED, reason=None, code=result.code,
-                msg=result.msg, ocrid=result.ocrid, sha256=digest,
-            )
-        if side:
-            self._pair(item_id)
-        return ItemStatus.SUCCEEDED
+    def _settle(self, entry: Entry) -> str:
+        """The paid answer into the database; into the journal first if the database fails."""
+        guard = repo.answerable(worker=self.worker_id)
+
+        def write() -> str | None:
+            with unit_of_work(self.db) as s:
+                return apply_answer(s, entry, guard, self.today())
+
+        journaled = False
+        try:
+            status = write()
+        except Exception as exc:
+            if not is_infra_error(exc):
+                raise
+            if self.journal is not None:
+                self.journal.put(entry)
+                journaled = True
+            # OutageTooLong here leaves the answer in the journal: the reconciler writes it
+            status = self._outlast(write, f"item {entry.item_id}: answer")
+        if journaled and self.journal is not None:
+            self.journal.drop(entry.item_id)
+        if status is None:
+            log.warning("item %s: taken over before its answer was written; the answer is on "
+                        "its attempt", entry.item_id)
+            return "taken_over"
+        if status == ItemStatus.SUCCEEDED:
+            if entry.result.side:
+                self._pair(entry.item_id)
+        else:
+            log.info("item %s: %s (%s)", entry.item_id, status, entry.result.code)
+        return status
 
     def _pair(self, item_id: int) -> None:
         """Check the card's two sides together once both are recognised. After the result's own
@@ -384,10 +548,18 @@ class Processor:
             # the class only: a database error quotes its parameters (file names, fields)
             log.warning("item %s: pairing with the other side failed (%s)", item_id, type(exc).__name__)
 
-    def _finish(self, item_id: int, status: str, *, final: bool = True, **values: object) -> str:
-        with unit_of_work(self.db) as s:
-            repo.set_status(s, item_id, status, **values)
-        if final and status != ItemStatus.SUCCEEDED:
+    def _finish(self, item_id: int, status: str, **values: object) -> str:
+        if values.get("sha256", "") is None:
+            del values["sha256"]
+
+        def write() -> bool:
+            with unit_of_work(self.db) as s:
+                return repo.settle(s, item_id, status, repo.held_by(self.worker_id), **values)
+
+        if not self._outlast(write, f"item {item_id}: status"):
+            log.warning("item %s: taken over before it was settled", item_id)
+            return "taken_over"
+        if status != ItemStatus.SUCCEEDED:
             log.info("item %s: %s (%s)", item_id, status, values.get("reason") or values.get("code"))
         return status
 
@@ -395,19 +567,29 @@ class Processor:
         """``paused`` while the pause is open — the resume re-enqueues it. If the pause ended
         meanwhile, the resume may already have passed this item by: back in the queue, then,
         with a message of its own."""
-        with unit_of_work(self.db) as s:
-            parked = repo.park_if_paused(s, item_id, self.provider.name, self.provider.account, **values)
-            if not parked:
-                repo.set_status(s, item_id, ItemStatus.QUEUED, **values)
-        if parked:
+        if values.get("sha256", "") is None:
+            del values["sha256"]
+
+        def write() -> bool:
+            with unit_of_work(self.db) as s:
+                parked = repo.park_if_paused(s, item_id, self.provider.name, self.provider.account, **values)
+                if not parked:
+                    repo.set_status(s, item_id, ItemStatus.QUEUED, **values)
+            return parked
+
+        if self._outlast(write, f"item {item_id}: park"):
             return ItemStatus.PAUSED
         if self.enqueue is not None:
-            self.enqueue([item_id])
+            # the reconciler sends it again should this message be lost
+            self._outlast(lambda: self.enqueue([item_id]), f"item {item_id}: enqueue")  # type: ignore[misc]
         return ItemStatus.QUEUED
 
     def _pause(self, kind: str, reason: str) -> None:
-        with unit_of_work(self.db) as s:
-            repo.add_pause(s, self.provider.name, self.provider.account, kind, reason)
+        def write() -> None:
+            with unit_of_work(self.db) as s:
+                repo.add_pause(s, self.provider.name, self.provider.account, kind, reason)
+
+        self._outlast(write, "pause")
         log.warning("submissions paused (%s): %s", kind, reason)
         if self.on_pause is not None:
             self.on_pause(kind, reason)

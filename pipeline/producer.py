@@ -215,10 +215,13 @@ def scan(
     return report
 
 
-def retry_failed(database_url: str, batch_id: str, enqueue: Enqueue) -> int:
-    """Re-queue the batch's items whose retries ran out on transient errors."""
+def retry_failed(
+    database_url: str, batch_id: str, enqueue: Enqueue, reasons: Sequence[str] = ("transient",)
+) -> int:
+    """Re-queue the batch's items that failed for one of ``reasons``: by default those whose
+    retries ran out on transient errors; ``unknown`` ones may have been billed already."""
     with unit_of_work(database_url) as s:
-        ids = repo.requeue_failed(s, batch_id)
+        ids = repo.requeue_failed(s, batch_id, reasons)
     enqueue(ids)
     return len(ids)
 

@@ -30,12 +30,24 @@ _template_lock = threading.Lock()
 _templates: dict[str, dict[str, Any] | None] = {}
 
 
+_epoch_ensured = False
+
+
 def enqueue_items(ids: Sequence[int]) -> None:
     """One message per item; after the rows they name are committed."""
+    global _epoch_ensured
     if not ids:
         return
     from workers.app import app, settings
 
+    if not _epoch_ensured:
+        # before this process's first message: the reconciler tells a broker that lost its
+        # messages by this token being gone
+        from pipeline.reconcile import ensure_epoch
+        from pipeline.redisconn import redis_client
+
+        ensure_epoch(redis_client(settings), settings.queue)
+        _epoch_ensured = True
     template = _template(app, settings.queue)
     if template is not None:
         _stamp_and_push(app, settings.queue, template, ids)
@@ -140,3 +152,12 @@ def broadcast_consume(consume: bool) -> None:
         app.control.add_consumer(settings.queue, reply=False)
     else:
         app.control.cancel_consumer(settings.queue, reply=False)
+
+
+def queue_depth() -> int:
+    """Messages waiting in the OCR queue (a Redis list on this broker)."""
+    from pipeline.config import get_settings
+    from pipeline.redisconn import redis_client
+
+    settings = get_settings()
+    return int(redis_client(settings).llen(settings.queue))

@@ -9,19 +9,22 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from pipeline.config import ConfigError, Settings
 from pipeline.dedupe import ContentClaims
 from pipeline.images import ImageLimits
+from pipeline.heartbeat import Heartbeat
+from pipeline.journal import AnswerJournal, SentMarks
 from pipeline.processing import Processor, RetryPolicy
 from pipeline.providers.base import Provider
 from pipeline.providers.ihuyi import IhuyiClient
 from pipeline.queueing import enqueue_items
 from pipeline.quota import QuotaExhausted, QuotaLedger
 from pipeline.ratelimit import RateLimiter, rate_key
+from pipeline.reconcile import Reconciler
 from pipeline.redisconn import redis_client
 from pipeline.sources import head_uri, presign_uri, read_uri
 
@@ -136,12 +139,13 @@ def provider_limiter(settings: Settings, provider: Provider) -> RateLimiter:
 def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | None = None) -> Processor:
     provider = build_provider(settings)
     r = redis_client(settings)
+    wid = worker_id()
     return Processor(
         database_url=settings.resolved_database_url,
         provider=provider,
         limits=image_limits(settings),
         retry=RetryPolicy(settings.max_attempts, settings.retry_initial, settings.retry_max),
-        worker_id=worker_id(),
+        worker_id=wid,
         limiter=provider_limiter(settings, provider),
         quota=QuotaLedger(r, provider.name, provider.account, low_watermark=settings.quota_low_watermark),
         quota_exhausted=QuotaExhausted,
@@ -153,4 +157,30 @@ def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | N
         first_claim=ContentClaims(r).first,
         claim_lease=timedelta(seconds=settings.claim_lease),
         enqueue=enqueue_items,
+        journal=answer_journal(settings),
+        sent_marks=SentMarks(r),
+        heartbeat=Heartbeat(settings.resolved_database_url, wid, settings.heartbeat_interval),
+        infra_patience=settings.infra_retry_for,
+        resend_unknown=settings.resend_unknown,
+    )
+
+
+def answer_journal(settings: Settings) -> AnswerJournal:
+    return AnswerJournal(redis_client(settings), settings.data_dir.resolve() / "journal", worker_id())
+
+
+def build_reconciler(settings: Settings, enqueue: Callable[[Sequence[int]], None],
+                     queue_depth: Callable[[], int]) -> Reconciler:
+    provider, account = provider_identity(settings)
+    return Reconciler(
+        database_url=settings.resolved_database_url,
+        redis_client=redis_client(settings),
+        queue=settings.queue,
+        enqueue=enqueue,
+        queue_depth=queue_depth,
+        claim_lease=settings.claim_lease,
+        interval=settings.reconcile_interval,
+        provider=provider,
+        account=account,
+        journal=answer_journal(settings),
     )

@@ -11,11 +11,20 @@ import logging
 import sys
 
 from celery import Celery, signals
+from kombu import Queue
 
 from pipeline.config import get_settings
 from pipeline.redisconn import broker_url
 
 settings = get_settings()
+CONTROL_QUEUE = f"{settings.queue}.control"
+
+
+def _pool_given(argv: list[str]) -> bool:
+    """Whether the command line chose a pool (``-P prefork``, ``--pool=threads``…): Celery
+    cannot tell an explicit ``-P prefork`` from its default, so the app's own default (threads)
+    applies only when none was given."""
+    return any(a in ("-P", "--pool") or a.startswith(("--pool=", "-P")) for a in argv[1:])
 
 # A thread whose rate-limiter slot has come must send at once: other threads of the pool
 # decoding images or talking to the database hold the GIL for up to the switch interval
@@ -26,20 +35,24 @@ app = Celery("idocr", include=["workers.tasks"])
 app.conf.update(
     broker_url=broker_url(settings),
     broker_connection_retry_on_startup=True,
-    # A task may wait on the rate limiter and retry with backoff; a message is redelivered only
-    # when its worker is gone for this long (the claim stops a second payment anyway).
-    broker_transport_options={"visibility_timeout": 3600},
+    # A message unacknowledged this long is delivered again; the claim makes that harmless, and
+    # the reconciler (not this timeout) recovers the work of a dead worker: see README "Recovery".
+    broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
     result_backend=None,
     task_ignore_result=True,
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    # The work is waiting on the provider (HTTP), the rate limiter and the database: threads
-    # keep many calls in flight per process at little memory. `-P prefork` still works.
-    worker_pool="threads",
     worker_concurrency=settings.concurrency,
     task_default_queue=settings.queue,
-    task_routes={"idocr.ocr.*": {"queue": settings.queue}, "idocr.balance.*": {"queue": f"{settings.queue}.control"}},
+    # Declared, so a plain `celery -A workers.app worker` consumes both (a queue named only in
+    # task_routes is not consumed by default).
+    task_queues=[Queue(settings.queue), Queue(CONTROL_QUEUE)],
+    task_routes={
+        "idocr.ocr.*": {"queue": settings.queue},
+        "idocr.balance.*": {"queue": CONTROL_QUEUE},
+        "idocr.reconcile": {"queue": CONTROL_QUEUE},
+    },
     task_serializer="json",
     accept_content=["json"],
     worker_hijack_root_logger=False,
@@ -50,8 +63,18 @@ app.conf.update(
             "task": "idocr.balance.check",
             "schedule": min(settings.balance_interval, settings.balance_interval_paused),
         },
+        "reconcile": {
+            "task": "idocr.reconcile",
+            "schedule": settings.reconcile_interval,
+            # a pass that waited longer than an interval is superseded by the next one
+            "options": {"expires": settings.reconcile_interval},
+        },
     },
 )
+if not _pool_given(sys.argv):
+    # The work is waiting on the provider (HTTP), the rate limiter and the database: threads
+    # keep many calls in flight per process at little memory. `-P prefork` is honoured.
+    app.conf.worker_pool = "threads"
 
 
 @signals.after_setup_logger.connect

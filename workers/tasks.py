@@ -6,19 +6,26 @@ import logging
 import threading
 
 from celery import signals
+from celery.exceptions import Reject
 
 from pipeline.processing import Processor
+from pipeline.reconcile import Reconciler
+from pipeline.resilience import OutageTooLong
 from workers.app import app, settings
 
 log = logging.getLogger(__name__)
 
 _processor: Processor | None = None
+_reconciler: Reconciler | None = None
 _lock = threading.Lock()
 
 
 def reset() -> None:
-    global _processor
+    global _processor, _reconciler
+    if _processor is not None and _processor.heartbeat is not None:
+        _processor.heartbeat.stop()
     _processor = None
+    _reconciler = None
 
 
 def _on_pause(kind: str, reason: str) -> None:
@@ -68,13 +75,40 @@ def _warm_up(**_: object) -> None:
             from pipeline.control import check_balance
 
             check_balance(settings, p.provider)
+        # answers a worker of this host kept on disk while both the database and Redis were
+        # down: into the shared journal, where the reconciler writes them
+        if p.journal is not None:
+            moved = p.journal.move_files_to_redis()
+            if moved:
+                log.warning("%d answers from the local journal handed to the reconciler", moved)
     except Exception:
         log.warning("worker warm-up failed; tasks will try again", exc_info=True)
 
 
+def reconciler() -> Reconciler:
+    global _reconciler
+    with _lock:
+        if _reconciler is None:
+            from pipeline.queueing import enqueue_items, queue_depth
+            from pipeline.runtime import build_reconciler
+
+            _reconciler = build_reconciler(settings, enqueue_items, queue_depth)
+        return _reconciler
+
+
 @app.task(name="idocr.ocr.submit", acks_late=True, ignore_result=True)
 def submit(item_id: int) -> str:
-    return processor().process(int(item_id))
+    try:
+        return processor().process(int(item_id))
+    except OutageTooLong as exc:
+        # Nothing was lost: the message goes back and the item waits for the infrastructure.
+        log.warning("item %s: %s; message handed back", item_id, exc)
+        raise Reject(str(exc), requeue=True) from None
+
+
+@app.task(name="idocr.reconcile", ignore_result=True)
+def reconcile() -> str:
+    return str(reconciler().run_once())
 
 
 @app.task(name="idocr.balance.check", ignore_result=True)

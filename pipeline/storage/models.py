@@ -89,6 +89,8 @@ class Item(TimestampMixin, Base):
         # nothing, a changed file at the same path is a new item.
         UniqueConstraint("batch_id", "source_key", "fingerprint"),
         Index("ix_items_batch_id_status", "batch_id", "status"),
+        # the reconciler: stale claims and queued items whose message was lost, oldest first
+        Index("ix_items_status_updated_at", "status", "updated_at"),
         # rescans look up what already succeeded by location (key + ETag)
         Index("ix_items_source_uri", "source_uri"),
         # the other side of a card is looked up by its shared name; most names have none

@@ -266,14 +266,100 @@ def claim(session: Session, item_id: int, worker: str, stale_before: datetime | 
     )
     if res.rowcount != 1:
         return None
-    session.execute(
-        update(Attempt)
-        .where(Attempt.item_id == item_id, Attempt.outcome.is_(None))
-        .values(outcome="unknown", finished_at=now,
-                msg="the worker was lost during this call; it may have been billed")
+    return session.get(Item, item_id, populate_existing=True)
+
+
+def renew_claims(session: Session, item_ids: Sequence[int], worker: str) -> int:
+    """The heartbeat: ``claimed_at`` = now for the claims ``worker`` still holds."""
+    res = session.execute(
+        update(Item)
+        .where(one_of(session, Item.id, item_ids), Item.status == ItemStatus.SUBMITTING,
+               Item.claimed_by == worker[:128])
+        .values(claimed_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    return session.get(Item, item_id, populate_existing=True)
+    return res.rowcount or 0
+
+
+#: why an item failed when its worker died while the provider had the image
+UNKNOWN = "unknown"
+
+
+def answerable(worker: str | None = None, stale_before: datetime | None = None) -> Any:
+    """Items a paid answer may still be written to: the claim ``worker`` holds; with
+    ``stale_before``, also claims abandoned since and items waiting for a message; and an item
+    failed as ``unknown`` (its answer was lost with its worker) whose answer turns up later."""
+    conds = [and_(Item.status == ItemStatus.FAILED, Item.reason == UNKNOWN)]
+    if worker is not None:
+        conds.append(and_(Item.status == ItemStatus.SUBMITTING, Item.claimed_by == worker[:128]))
+    if stale_before is not None:
+        conds.append(_claimable(stale_before))
+        conds.append(Item.status == ItemStatus.PAUSED)
+    return or_(*conds)
+
+
+def held_by(worker: str) -> Any:
+    """The claim ``worker`` holds."""
+    return and_(Item.status == ItemStatus.SUBMITTING, Item.claimed_by == worker[:128])
+
+
+def settle(session: Session, item_id: int, status: str, guard: Any, **values: Any) -> bool:
+    """Set a final (or parked) status only where ``guard`` still holds; False if it did not
+    (the claim was taken over meanwhile)."""
+    res = session.execute(
+        update(Item)
+        .where(Item.id == item_id, guard)
+        .values(status=status, updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
+
+
+def open_attempts(session: Session, item_id: int) -> list[int]:
+    """Attempts of the item with no outcome: calls a lost worker had under way."""
+    return list(session.scalars(
+        select(Attempt.id).where(Attempt.item_id == item_id, Attempt.outcome.is_(None)).order_by(Attempt.id)
+    ))
+
+
+def close_attempts_unknown(session: Session, attempt_ids: Sequence[int]) -> None:
+    if attempt_ids:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.id.in_(attempt_ids), Attempt.outcome.is_(None))
+            .values(outcome="unknown", finished_at=utcnow(),
+                    msg="the worker was lost during this call; it may have been billed")
+            .execution_options(synchronize_session=False)
+        )
+
+
+def stale_claims(session: Session, stale_before: datetime, touched_before: datetime, limit: int) -> list[int]:
+    """Claims nobody has renewed since ``stale_before`` (their worker died), not re-sent since
+    ``touched_before``."""
+    return list(session.scalars(
+        select(Item.id)
+        .where(Item.status == ItemStatus.SUBMITTING, Item.claimed_at < stale_before,
+               Item.updated_at < touched_before)
+        .order_by(Item.updated_at).limit(limit)
+    ))
+
+
+def queued_untouched(session: Session, touched_before: datetime, limit: int) -> list[int]:
+    """Queued items whose last message was sent before ``touched_before``."""
+    return list(session.scalars(
+        select(Item.id)
+        .where(Item.status == ItemStatus.QUEUED, Item.updated_at < touched_before)
+        .order_by(Item.updated_at).limit(limit)
+    ))
+
+
+def touch(session: Session, item_ids: Sequence[int]) -> None:
+    """Note that a message was sent for these items now."""
+    if item_ids:
+        session.execute(
+            update(Item).where(one_of(session, Item.id, item_ids)).values(updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
 
 
 def requeue_failed(session: Session, batch_id: str, reasons: Sequence[str] = ("transient",)) -> list[int]:
@@ -317,6 +403,7 @@ def start_attempt(session: Session, item_id: int, number: int, provider: str) ->
 
 
 def delete_attempt(session: Session, attempt_id: int) -> None:
+    """An attempt that was never sent: it did not happen."""
     attempt = session.get(Attempt, attempt_id)
     if attempt is not None:
         session.delete(attempt)
@@ -417,10 +504,6 @@ def pair_batch(session: Session, batch_id: str, chunk: int = 500) -> int:
             return pairs
         pairs += _store_pair_checks(session, _side_records(session, batch_id, keys).values())
         last = keys[-1]
-
-
-def count_billable_attempts(session: Session, item_id: int) -> int:
-    return session.scalar(select(func.count()).select_from(Attempt).where(Attempt.item_id == item_id)) or 0
 
 
 # -- pauses and balance --------------------------------------------------------------------------

@@ -248,22 +248,41 @@ def test_quota_ledger_pauses_before_the_provider_refuses(db_url: str, tmp_path: 
 def test_a_claim_whose_worker_died_is_taken_over_after_the_lease(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
+    from pipeline.journal import SentMarks
+
     sandbox = sandbox_factory()
     folder = tmp_path / "in"
     folder.mkdir()
-    shutil.copy(EXAMPLES / "images" / "高娟 正面.jpg", folder / "a.jpg")
+    for name in ("a", "b"):
+        shutil.copy(EXAMPLES / "images" / f"高娟 {'正面' if name == 'a' else '背面'}.jpg", folder / f"{name}.jpg")
     sent, _ = scan_into(db_url, folder)
-    # a worker claimed the item and started a call, then vanished
+    marks = SentMarks(redis.Redis.from_url(redis_url))
+    # a worker claimed both items and started a call on each, then vanished: the first call
+    # had not left yet (waiting for its rate-limiter slot), the second had been sent
     with unit_of_work(db_url) as s:
-        assert repo.claim(s, sent[0], "dead-worker") is not None
-        repo.start_attempt(s, sent[0], 1, "sandbox")
+        for item_id in sent:
+            assert repo.claim(s, item_id, "dead-worker") is not None
+        unsent = repo.start_attempt(s, sent[0], 1, "sandbox").id
+        in_flight = repo.start_attempt(s, sent[1], 1, "sandbox").id
+    marks.mark(in_flight)
     proc = make_processor(db_url, sandbox, redis_url)
+    proc.sent_marks = marks
     assert proc.process(sent[0]) == "skipped"  # within the lease: somebody has it
     proc.claim_lease = timedelta(0)
+    # never sent: the takeover sends it, and the unsent attempt is gone from the record
     assert proc.process(sent[0]) == "succeeded"
+    # it may have been billed and its answer is lost: failed as unknown, never paid twice
+    assert proc.process(sent[1]) == "failed"
     with unit_of_work(db_url) as s:
-        outcomes = [a.outcome for a in s.scalars(select(Attempt).order_by(Attempt.id))]
-    assert outcomes == ["unknown", "ok"]  # the lost call is on record as possibly billed
+        rows = list(s.scalars(select(Attempt).order_by(Attempt.id)))
+        a = [(x.item_id, x.outcome) for x in rows]
+        lost = s.get(Item, sent[1])
+        assert s.get(Item, sent[0]).attempts == 1
+    assert a == [(sent[1], "unknown"), (sent[0], "ok")]
+    assert (lost.status, lost.reason) == ("failed", "unknown")
+    assert "--retry-unknown" in lost.msg
+    assert sandbox.stats.billed == 1
+    assert unsent not in [x.id for x in rows]
 
 
 def test_a_resume_racing_a_parking_worker_loses_no_item_and_is_not_undone(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
