@@ -1,9 +1,11 @@
 """Shared fixtures: real databases (SQLite file, PostgreSQL), real Redis, the sandbox.
 
 PostgreSQL: one migrated template database per session; every test that asks for it gets a
-fresh copy (CREATE DATABASE … TEMPLATE), dropped afterwards. Redis: a database number of its
-own, flushed before each test that uses it. Both servers must be running (CI starts them):
-a test that needs one fails rather than skips when it is down.
+fresh copy (CREATE DATABASE … TEMPLATE), dropped afterwards (``IDOCR_TEST_PG_URL``: the
+server and the database to connect to for that). Redis: a database this session found empty
+and marked as its own (``tests/redisdb.py``; ``IDOCR_TEST_REDIS_URL`` names the server or one
+database), flushed before each test that uses it and never one without that mark. Both servers
+must be running (CI starts them): a test that needs one fails rather than skips when it is down.
 """
 
 from __future__ import annotations
@@ -20,14 +22,12 @@ from sqlalchemy import create_engine, text
 
 from pipeline.config import reset_settings
 from pipeline.storage.db import upgrade
+from tests.redisdb import OwnedRedisDb
 from tests.s3server import s3_bucket_fixture, s3_server_fixture  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 PG_ADMIN_URL = os.environ.get("IDOCR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-# a database number of this test process's own (1-15): two test runs on one machine do not
-# flush each other's keys
-REDIS_TEST_URL = os.environ.get("IDOCR_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
 
 
 def _pg_url(db: str) -> str:
@@ -90,16 +90,34 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("pg_url")
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_TEST_URL)
+@pytest.fixture(scope="session")
+def redis_owner() -> Iterator[OwnedRedisDb]:
+    """The Redis database this session took (found empty, marked as its own); emptied and
+    unmarked at the end."""
+    owned = OwnedRedisDb()
     try:
-        client.flushdb()
+        owned.claim()
     except redis.RedisError as exc:  # pragma: no cover - the environment
-        pytest.fail(f"Redis at {REDIS_TEST_URL} is not usable: {exc}")
-    yield REDIS_TEST_URL
-    client.flushdb()
-    client.close()
+        pytest.fail(f"Redis is not usable: {exc}")
+    yield owned
+    owned.release()
+
+
+@pytest.fixture(scope="session")
+def redis_db_url(redis_owner: OwnedRedisDb) -> str:
+    """This session's Redis database, not flushed between tests: for tests that keep to key
+    names of their own."""
+    assert redis_owner.url is not None
+    return redis_owner.url
+
+
+@pytest.fixture
+def redis_url(redis_owner: OwnedRedisDb) -> Iterator[str]:
+    """This session's Redis database, empty at the start of the test and emptied after it."""
+    redis_owner.flush()
+    assert redis_owner.url is not None
+    yield redis_owner.url
+    redis_owner.flush()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The quota ledger against the real Redis (127.0.0.1:6379, db 15)."""
+"""The quota ledger against the real Redis (this session's database, keys of each test's own)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ from pipeline.quota import QuotaExhausted, QuotaLedger, Reservation, quota_key
 
 pytestmark = pytest.mark.redis
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
-
-
 @pytest.fixture
 def prefix() -> str:
     """This test's own key namespace."""
@@ -24,8 +21,8 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def redis_client(prefix: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
+def redis_client(prefix: str, redis_db_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_db_url)
     yield client
     for key in client.scan_iter(match=f"{prefix}:*"):
         client.delete(key)
