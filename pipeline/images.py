@@ -11,6 +11,17 @@ until it fits, or rejected with :class:`ImageRejected` and a stable ``reason`` c
 orientation is deliberately *not* applied: guessing a rotation could make things worse, and the
 providers see the same pixels and the same orientation tag as the original.
 
+Hostile files: nothing is decoded before its cost is known. The header gives the size and the
+pixel mode; :func:`decode_cost` turns them into the memory the decoded image and its working
+copies will take (Pillow keeps a colour pixel in 4 bytes; a progressive JPEG also holds every
+DCT coefficient of the full-size image while it decodes). A JPEG is decoded reduced (libjpeg's
+1/2, 1/4, 1/8 scaling via ``draft``) when it will be downscaled anyway; PNG and BMP cannot be,
+so their whole raster counts. Above ``max_decode_bytes`` the image is refused as
+``too_many_pixels`` before a byte of it is decoded; below it, the decode waits until the
+process-wide :data:`DECODE_BUDGET` has room, so concurrent workers cannot add up many large
+images at once. PDF pages are sized before rendering and the images they embed are counted
+the same way.
+
 Nothing here ever puts image bytes (or decoder messages that might quote them) into an
 exception or a log line.
 """
@@ -20,7 +31,10 @@ from __future__ import annotations
 import base64
 import io
 import math
+import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -67,8 +81,16 @@ class ImageLimits:
     allowed: frozenset[str] = frozenset({"jpeg", "png", "bmp", "pdf"})
     reject_grayscale: bool = True
     jpeg_quality: int = 90
-    #: decompression-bomb guard: more pixels than this are refused before decoding
-    max_pixels: int = 50_000_000
+    #: the most pixels a file may declare, whatever its format (a 200-megapixel phone photo,
+    #: 16320x12240, is decoded at 1/4 scale); refused from the header, before decoding
+    max_pixels: int = 200_000_000
+    #: the most memory the decoded image and its working copies may take (see
+    #: :func:`decode_cost`), estimated from the header before decoding. The provider never sees
+    #: more than ``max_side`` (2048) px a side, so an image is only worth decoding whole up to a
+    #: few times that: an A4 page with the card on it scanned at 600 dpi (4961x7016, 35 MP:
+    #: 165 MiB with the output) is the largest real scan admitted, about 42 MP of RGB in all; a
+    #: 7000x7000 PNG (219 MiB) is not. JPEGs count at the size libjpeg decodes them at.
+    max_decode_bytes: int = 192 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +117,9 @@ class PreparedImage:
 class ImageRejected(Exception):
     """The image cannot be sent. ``reason`` is a short stable code, the message is for people.
 
-    Codes: empty, not_image, unsupported_format, corrupt, too_small, grayscale, too_large,
-    pdf_error.
+    Codes: empty, not_image, unsupported_format, corrupt, too_small, grayscale, too_large (the
+    bytes do not fit, or too elongated to scale), too_many_pixels (more pixels, or more
+    decoded memory, than the limits admit), pdf_error.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -191,6 +214,104 @@ def _fits(data: bytes, max_payload: int) -> bool:
     return encoded_payload_size(data) <= max_payload
 
 
+# --------------------------------------------------------------------------- decode budget
+
+
+class DecodeBudget:
+    """Bytes of decoded images the whole process may hold at once.
+
+    A worker runs several calls in threads; each image below ``max_decode_bytes`` is fine on its
+    own, but eight of them at once are not. :meth:`hold` waits until the estimate fits in what
+    the other threads hold. An estimate larger than the whole budget holds all of it (so such
+    an image runs alone rather than never).
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total = total_bytes
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def set_total(self, total_bytes: int) -> None:
+        with self._cond:
+            self.total = total_bytes
+            self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, n_bytes: int) -> Iterator[None]:
+        with self._cond:
+            n = min(n_bytes, self.total)
+            while self._used and self._used + n > self.total:
+                self._cond.wait()
+            self._used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= n
+                self._cond.notify_all()
+
+
+#: shared by every :func:`prepare` in the process: two images at the per-image limit, or dozens
+#: of ordinary photos (a 12 MP JPEG decodes at half size, about 12 MiB).
+DECODE_BUDGET: Final = DecodeBudget(2 * ImageLimits().max_decode_bytes)
+
+# Bytes a pixel takes in Pillow's storage: one for 1/L/P, two for 16-bit gray, four otherwise
+# (RGB is stored as RGBX).
+_ONE_BYTE_MODES: Final = frozenset({"1", "L", "P"})
+# Modes that are re-encoded as they are; any other one is converted (a full-size RGB(A) copy)
+# and, with transparency, flattened onto a white page (another).
+_KEPT_MODES: Final = frozenset({"RGB", "L"})
+# Everything _reencode allocates at the output size (resized copy, encoder buffers): a
+# 2048x2048 RGBX image, twice.
+_OUTPUT_COST: Final = 2 * 2048 * 2048 * 4
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    if mode in _ONE_BYTE_MODES:
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def decode_cost(mode: str, size: tuple[int, int], jpeg_full_size: tuple[int, int] | None = None,
+                jpeg_layers: list[tuple[str, int, int, int]] | None = None) -> int:
+    """Bytes :func:`prepare` will hold for an image of ``mode`` decoded at ``size``.
+
+    The decoded raster, the converted copies for a mode that is not re-encoded as it is, and
+    the output; for a progressive JPEG (``jpeg_full_size`` and its component sampling
+    ``jpeg_layers``) also libjpeg's coefficient buffer, which holds every DCT block of the
+    full-size image (two bytes a coefficient) whatever the scale it outputs.
+    """
+    w, h = size
+    per_pixel = _bytes_per_pixel(mode) + (0 if mode in _KEPT_MODES else 8)
+    cost = w * h * per_pixel + _OUTPUT_COST
+    if jpeg_full_size is not None:
+        fw, fh = jpeg_full_size
+        layers = jpeg_layers or [("", 1, 1, 0)] * 3
+        h_max = max(layer[1] for layer in layers) or 1
+        v_max = max(layer[2] for layer in layers) or 1
+        for _, hs, vs, _ in layers:
+            blocks_w = -(-fw * hs // (8 * h_max))
+            blocks_h = -(-fh * vs // (8 * v_max))
+            cost += blocks_w * blocks_h * 64 * 2
+    return cost
+
+
+def _too_costly(what: str, width: int, height: int, cost: int, limits: ImageLimits) -> None:
+    if cost > limits.max_decode_bytes:
+        raise ImageRejected(
+            "too_many_pixels",
+            f"{what} is {width}x{height} px; decoding it would take about "
+            f"{cost / 2**20:.0f} MiB, more than the {limits.max_decode_bytes / 2**20:.0f} MiB "
+            f"allowed",
+        )
+
+
 # --------------------------------------------------------------------------- prepare
 
 
@@ -214,26 +335,29 @@ def prepare(data: bytes, limits: ImageLimits = ImageLimits()) -> PreparedImage:
         img = _render_pdf_first_page(data, limits)
         changes.append("pdf_first_page")
         src_w, src_h = img.size
-        _check_pixels(src_w, src_h, limits, what="the rendered first PDF page")
+        cost = decode_cost(img.mode, img.size)
     else:
         # src_w/src_h are the file's own dimensions; ``img`` may be smaller (JPEG draft).
-        img, (src_w, src_h) = _decode(data, fmt, limits)
-    _check_colour(img, limits)
+        img, (src_w, src_h), cost = _open(data, fmt, limits)
+    with DECODE_BUDGET.hold(cost):
+        if fmt != "pdf":
+            _load(img, data, fmt)
+        _check_colour(img, limits)
 
-    if (
-        fmt != "pdf"
-        and max(src_w, src_h) <= limits.max_side
-        and _fits(data, limits.max_payload_bytes)
-    ):
-        return PreparedImage(data=data, format=fmt, width=src_w, height=src_h)
+        if (
+            fmt != "pdf"
+            and max(src_w, src_h) <= limits.max_side
+            and _fits(data, limits.max_payload_bytes)
+        ):
+            return PreparedImage(data=data, format=fmt, width=src_w, height=src_h)
 
-    return _reencode(img, fmt, (src_w, src_h), limits, changes)
+        return _reencode(img, fmt, (src_w, src_h), limits, changes)
 
 
 def _check_pixels(width: int, height: int, limits: ImageLimits, what: str = "image") -> None:
     if width * height > limits.max_pixels:
         raise ImageRejected(
-            "too_large",
+            "too_many_pixels",
             f"{what} is {width}x{height} px ({width * height / 1e6:.1f} megapixels); at most "
             f"{limits.max_pixels / 1e6:.0f} megapixels are accepted",
         )
@@ -264,40 +388,69 @@ def _fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max_side
 
 
-def _decode(data: bytes, fmt: str, limits: ImageLimits) -> tuple[Image.Image, tuple[int, int]]:
-    """Fully decode (so truncation and corruption show now, not at the provider)."""
-    pil_format = _PIL_FORMAT[fmt]
+# What Pillow's parsers raise for a malformed header (Image.open turns the first four into
+# UnidentifiedImageError, an OSError).
+_DECODE_ERRORS: Final = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error
+)
+
+
+def _corrupt(fmt: str, exc: BaseException) -> ImageRejected:
+    # Pillow's own messages can quote header bytes: keep only what is known to be safe.
+    what = "truncated" if "truncated" in str(exc).lower() else f"corrupt ({type(exc).__name__})"
+    return ImageRejected("corrupt", f"cannot decode the {fmt.upper()} image: {what}")
+
+
+def _open(data: bytes, fmt: str, limits: ImageLimits) -> tuple[Image.Image, tuple[int, int], int]:
+    """Parse the header and plan the decode: the image (not loaded), its size in the file, and
+    what decoding it will cost. Refuses, from the header alone, what is too big to decode."""
+    Image.preinit()  # registers the JPEG, PNG and BMP plugins
+    # Only the sniffed format's plugin may parse it: no guessing among Pillow's many. Its
+    # factory is called directly, as Image.open would, but without Image.open's own bomb check
+    # (MAX_IMAGE_PIXELS, a process-wide setting that warns from 89 MP and refuses from 179 MP):
+    # the limits below replace it, stricter on memory and the same for every format.
+    factory, _accept = Image.OPEN[_PIL_FORMAT[fmt]]
     try:
-        # Only the sniffed format's plugin may parse it: no guessing among Pillow's many.
-        img = Image.open(io.BytesIO(data), formats=[pil_format])
-        src_size = img.size
-        # Size checks use the header only: a bomb or a thumbnail is refused before decoding.
-        _check_pixels(*src_size, limits)
-        if fmt == "jpeg" and max(src_size) > limits.max_side:
+        img = factory(io.BytesIO(data), None)
+    except _DECODE_ERRORS as exc:
+        raise _corrupt(fmt, exc) from None
+    src_size = img.size
+    _check_pixels(*src_size, limits)
+    if limits.reject_grayscale and img.mode in _GRAY_MODES:
+        _check_colour(img, limits)  # refused from the header: no need to decode it
+    jpeg_full: tuple[int, int] | None = None
+    if fmt == "jpeg":
+        if max(src_size) > limits.max_side:
             # It will be downscaled anyway: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never
             # below the target size (all the entropy data is still read, so truncation shows).
             img.draft(img.mode, _fit_size(*src_size, limits.max_side))
+        if img.info.get("progressive") or img.info.get("progression"):
+            jpeg_full = src_size
+    cost = decode_cost(img.mode, img.size, jpeg_full, getattr(img, "layer", None))
+    _too_costly(f"the {fmt.upper()} image", *src_size, cost, limits)
+    return img, src_size, cost
+
+
+def _load(img: Image.Image, data: bytes, fmt: str) -> None:
+    """Fully decode (so truncation and corruption show now, not at the provider)."""
+    try:
         img.load()
-    except ImageRejected:
-        raise
     except Image.DecompressionBombError:
         raise ImageRejected(
-            "too_large", f"the {fmt.upper()} image has too many pixels to decode safely"
+            "too_many_pixels", f"the {fmt.upper()} image has too many pixels to decode safely"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Pillow's own messages can quote header bytes: keep only what is known to be safe.
-        what = "truncated" if "truncated" in str(exc).lower() else f"corrupt ({type(exc).__name__})"
-        raise ImageRejected("corrupt", f"cannot decode the {fmt.upper()} image: {what}") from None
+    except _DECODE_ERRORS as exc:
+        raise _corrupt(fmt, exc) from None
     # IEND has no body, so its CRC is a constant: the whole 8-byte tail must be present.
     if fmt == "png" and data.rfind(b"IEND\xaeB`\x82") < 0:
         # Pillow stops reading after the last IDAT: a file cut just before its IEND chunk
         # decodes "fine" but is still a truncated upload.
         raise ImageRejected("corrupt", "cannot decode the PNG image: truncated (no IEND chunk)")
-    return img, src_size
 
 
 def _render_pdf_first_page(data: bytes, limits: ImageLimits) -> Image.Image:
     import pypdfium2 as pdfium  # only PDFs pay for loading pdfium
+    import pypdfium2.raw as pdfium_c
 
     target = min(PDF_RENDER_LONG_SIDE, limits.max_side)
     with _PDFIUM_LOCK:
@@ -311,6 +464,18 @@ def _render_pdf_first_page(data: bytes, limits: ImageLimits) -> Image.Image:
             if not (w_pt > 0 and h_pt > 0):
                 raise ImageRejected("pdf_error", "the first PDF page has no size")
             scale = target / max(w_pt, h_pt)
+            # The bitmap's size is known before rendering: a strip of a page is refused now.
+            planned = (max(1, round(w_pt * scale)), max(1, round(h_pt * scale)))
+            _check_pixels(*planned, limits, what="the rendered first PDF page")
+            # pdfium decodes the images a page draws from their own pixels, whatever the
+            # scale: a small page can carry a 60000x60000 image. Each counts as if decoded
+            # whole, at four bytes a pixel (pdfium streams some, but not every, filter).
+            what = "an image on the first PDF page"
+            for obj in page.get_objects(filter=[pdfium_c.FPDF_PAGEOBJ_IMAGE]):
+                iw, ih = obj.get_px_size()
+                if iw * ih > limits.max_pixels:
+                    _check_pixels(iw, ih, limits, what=what)
+                _too_costly(what, iw, ih, iw * ih * 4, limits)
             # rev_byteorder: pdfium's native BGR becomes RGB, so to_pil needs no conversion.
             bitmap = page.render(scale=scale, rev_byteorder=True)
             # copy(): the PIL image may share the bitmap's buffer, which closing frees.
@@ -326,6 +491,7 @@ def _render_pdf_first_page(data: bytes, limits: ImageLimits) -> Image.Image:
                 pdf.close()
     if img.mode != "RGB":
         img = img.convert("RGB")
+    _check_pixels(*img.size, limits, what="the rendered first PDF page")
     return img
 
 

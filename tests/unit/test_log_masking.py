@@ -71,7 +71,9 @@ def test_integers_are_untouched_unless_they_are_id_numbers(n: int) -> None:
 
 
 @given(st.uuids(), st.datetimes(), st.integers(0, 2**64))
-def test_ids_and_timestamps_are_untouched(task_id: uuid.UUID, when: datetime.datetime, ns: int) -> None:
+def test_ids_and_timestamps_are_untouched(
+    task_id: uuid.UUID, when: datetime.datetime, ns: int
+) -> None:
     text = (
         f"Task idocr.ocr.submit[{task_id}] received at {when.isoformat()} "
         f"({when.timestamp() if when.year > 1970 else 0}) {ns} ns {task_id.hex}"
@@ -81,7 +83,10 @@ def test_ids_and_timestamps_are_untouched(task_id: uuid.UUID, when: datetime.dat
 
 def test_latency_with_fifteen_decimals_is_not_an_id_number() -> None:
     # Celery's "succeeded in %ss" prints the runtime with every digit of the float.
-    text = "Task idocr.ocr.submit[1b4e28ba-2fa1-11d2-883f-0016d3cca427] succeeded in 0.110101900307001s"
+    text = (
+        "Task idocr.ocr.submit[1b4e28ba-2fa1-11d2-883f-0016d3cca427] succeeded in "
+        "0.110101900307001s"
+    )
     assert redact_personal_text(text) == text
     assert redact_text("3.110101199003070011") == "3.110101199003070011"
 
