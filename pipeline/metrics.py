@@ -24,10 +24,13 @@ Metric names and labels::
     idocr_pauses_total{kind}                            pauses opened
     idocr_items{batch,status}                           state: items by status, latest batches
     idocr_queue_depth{queue}                            state: messages waiting in the broker
-    idocr_quota_remaining / _reserved / _available{provider,account}   state: the ledger
+    idocr_quota_remaining{provider,account}             state: calls left at the last reading
+    idocr_quota_reserved{provider,account}              state: calls in flight (reserved)
+    idocr_quota_available{provider,account}             state: remaining - reserved
     idocr_balance_remaining{provider,account}           state: the last balance reading
     idocr_paused{provider,account}                      state: 1 while submissions are paused
     idocr_pause_kind{provider,account,kind}             state: 1 for the open pause's kind
+    idocr_rate_limit{provider,account}                  state: the configured calls per second
     idocr_state_up{source}                              state: 1 if SQL / Redis answered
 """
 
@@ -180,6 +183,13 @@ class StateCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Any]:
+        from pipeline.runtime import provider_identity
+
+        provider, account = provider_identity(self.settings)
+        limit = GaugeMetricFamily("idocr_rate_limit", "The configured calls per second.",
+                                  labels=["provider", "account"])
+        limit.add_metric([provider, account], self.settings.rate_limit)
+        yield limit
         up = GaugeMetricFamily("idocr_state_up", "1 if the source answered this scrape.",
                                labels=["source"])
         yield from self._sql(up)
