@@ -33,13 +33,46 @@ from sqlalchemy.orm import Session, aliased
 from pipeline.storage.models import Batch, Item, ItemStatus, Result
 
 FIELDS = (
-    "source", "key", "sha256", "batch", "status", "reason", "provider", "code", "msg", "ocrid",
-    "side", "name", "gender", "ethnicity", "date_of_birth", "domicile", "id_number",
-    "issue_authority", "valid_from", "valid_to", "quality", "checks", "attempts",
-    "duplicate_of", "updated_at",
+    "source",
+    "key",
+    "sha256",
+    "batch",
+    "status",
+    "reason",
+    "provider",
+    "code",
+    "msg",
+    "ocrid",
+    "side",
+    "name",
+    "gender",
+    "ethnicity",
+    "date_of_birth",
+    "domicile",
+    "id_number",
+    "issue_authority",
+    "valid_from",
+    "valid_to",
+    "quality",
+    "checks",
+    "attempts",
+    "duplicate_of",
+    "updated_at",
 )
-_RESULT_FIELDS = ("side", "name", "gender", "ethnicity", "date_of_birth", "domicile", "id_number",
-                  "issue_authority", "valid_from", "valid_to", "quality", "checks")
+_RESULT_FIELDS = (
+    "side",
+    "name",
+    "gender",
+    "ethnicity",
+    "date_of_birth",
+    "domicile",
+    "id_number",
+    "issue_authority",
+    "valid_from",
+    "valid_to",
+    "quality",
+    "checks",
+)
 
 
 def utc_iso(value: datetime | None) -> str | None:
@@ -112,8 +145,10 @@ def _mangled_as_number(value: str) -> bool:
         return False
     digits = sum(c.isdigit() for c in value)
     v = value.strip().lstrip("+-")
-    return digits > 15 or (len(v) > 1 and v[0] == "0" and v[1].isdigit()) or any(
-        c in v for c in "eE,%"
+    return (
+        digits > 15
+        or (len(v) > 1 and v[0] == "0" and v[1].isdigit())
+        or any(c in v for c in "eE,%")
     )
 
 

@@ -71,7 +71,9 @@ def configure_logging(
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(MaskingJsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(
+        MaskingJsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    )
     handler.addFilter(PIIFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

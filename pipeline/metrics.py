@@ -80,7 +80,8 @@ log = logging.getLogger(__name__)
 STATE_BATCHES = 3
 
 CALLS = Counter(
-    "idocr_provider_calls", "Provider calls by outcome class and provider code.",
+    "idocr_provider_calls",
+    "Provider calls by outcome class and provider code.",
     ["provider", "outcome", "code"],
 )
 BILLED = Counter("idocr_provider_billed", "Calls counted against the paid quota.", ["provider"])
@@ -88,15 +89,20 @@ RETRIES = Counter(
     "idocr_provider_retries", "Calls made again after a transient answer.", ["provider", "outcome"]
 )
 UNKNOWN = Counter(
-    "idocr_provider_unknown", "Calls whose answer was lost after sending (maybe billed).",
+    "idocr_provider_unknown",
+    "Calls whose answer was lost after sending (maybe billed).",
     ["provider"],
 )
 LATENCY = Histogram(
-    "idocr_provider_latency_seconds", "Provider call latency, send to answer.", ["provider"],
+    "idocr_provider_latency_seconds",
+    "Provider call latency, send to answer.",
+    ["provider"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
 )
 LIMITER_WAIT = Histogram(
-    "idocr_ratelimit_wait_seconds", "Time spent waiting for a rate-limiter slot.", ["provider"],
+    "idocr_ratelimit_wait_seconds",
+    "Time spent waiting for a rate-limiter slot.",
+    ["provider"],
     buckets=(0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 ITEMS_FINISHED = Counter(
@@ -186,12 +192,14 @@ class StateCollector(Collector):
         from pipeline.runtime import provider_identity
 
         provider, account = provider_identity(self.settings)
-        limit = GaugeMetricFamily("idocr_rate_limit", "The configured calls per second.",
-                                  labels=["provider", "account"])
+        limit = GaugeMetricFamily(
+            "idocr_rate_limit", "The configured calls per second.", labels=["provider", "account"]
+        )
         limit.add_metric([provider, account], self.settings.rate_limit)
         yield limit
-        up = GaugeMetricFamily("idocr_state_up", "1 if the source answered this scrape.",
-                               labels=["source"])
+        up = GaugeMetricFamily(
+            "idocr_state_up", "1 if the source answered this scrape.", labels=["source"]
+        )
         yield from self._sql(up)
         yield from self._redis(up)
         yield up
@@ -203,14 +211,20 @@ class StateCollector(Collector):
         from pipeline.storage.db import unit_of_work
 
         provider, account = provider_identity(self.settings)
-        items = GaugeMetricFamily("idocr_items", "Items by status (latest batches).",
-                                  labels=["batch", "status"])
-        paused = GaugeMetricFamily("idocr_paused", "1 while submissions are paused.",
-                                   labels=["provider", "account"])
-        kind = GaugeMetricFamily("idocr_pause_kind", "1 for the open pause's kind.",
-                                 labels=["provider", "account", "kind"])
-        balance = GaugeMetricFamily("idocr_balance_remaining", "The last balance reading.",
-                                    labels=["provider", "account"])
+        items = GaugeMetricFamily(
+            "idocr_items", "Items by status (latest batches).", labels=["batch", "status"]
+        )
+        paused = GaugeMetricFamily(
+            "idocr_paused", "1 while submissions are paused.", labels=["provider", "account"]
+        )
+        kind = GaugeMetricFamily(
+            "idocr_pause_kind",
+            "1 for the open pause's kind.",
+            labels=["provider", "account", "kind"],
+        )
+        balance = GaugeMetricFamily(
+            "idocr_balance_remaining", "The last balance reading.", labels=["provider", "account"]
+        )
         try:
             with unit_of_work(self.settings.resolved_database_url, read_only=True) as s:
                 for batch in recent_batch_ids(s, STATE_BATCHES):
@@ -240,8 +254,9 @@ class StateCollector(Collector):
 
         provider, account = provider_identity(self.settings)
         queue = self.settings.queue
-        depth = GaugeMetricFamily("idocr_queue_depth", "Messages waiting in the broker.",
-                                  labels=["queue"])
+        depth = GaugeMetricFamily(
+            "idocr_queue_depth", "Messages waiting in the broker.", labels=["queue"]
+        )
         families = {
             name: GaugeMetricFamily(f"idocr_quota_{name}", doc, labels=["provider", "account"])
             for name, doc in (

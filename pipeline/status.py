@@ -173,25 +173,33 @@ def collect(
         raise NoSuchBatch(batch_id)
     st.batch = batch_id
     st.by_status = repo.status_counts(session, batch_id)
-    st.by_code = sorted((s, c or "", n) for (s, c), n in repo.code_counts(session, batch_id).items())
+    st.by_code = sorted(
+        (s, c or "", n) for (s, c), n in repo.code_counts(session, batch_id).items()
+    )
     st.pending = repo.pending_count(session, batch_id)
 
     since = now - timedelta(seconds=RATE_WINDOW)
-    calls = session.scalar(
-        select(func.count())
-        .select_from(Attempt)
-        .join(Item, Item.id == Attempt.item_id)
-        .where(Item.batch_id == batch_id, Attempt.started_at >= since)
-    ) or 0
-    finished = session.scalar(
-        select(func.count()).where(
-            Item.batch_id == batch_id,
-            Item.status.in_(FINAL_STATUSES),
-            # a worker's work: items rejected or deduplicated at scan time say nothing of the pace
-            Item.claimed_at.is_not(None),
-            Item.updated_at >= since,
+    calls = (
+        session.scalar(
+            select(func.count())
+            .select_from(Attempt)
+            .join(Item, Item.id == Attempt.item_id)
+            .where(Item.batch_id == batch_id, Attempt.started_at >= since)
         )
-    ) or 0
+        or 0
+    )
+    finished = (
+        session.scalar(
+            select(func.count()).where(
+                Item.batch_id == batch_id,
+                Item.status.in_(FINAL_STATUSES),
+                # a worker's work: items rejected or deduplicated when scanned tell no pace
+                Item.claimed_at.is_not(None),
+                Item.updated_at >= since,
+            )
+        )
+        or 0
+    )
     st.rate_achieved = calls / RATE_WINDOW
     st.finish_rate = finished / RATE_WINDOW
     return st

@@ -93,10 +93,16 @@ class OwnedRedisDb:
                 if got == "ok":
                     self.url = f"{self._server}/{db}"
                     return self.url
-                if got and _stale(got) and client.eval(_FLUSH_IF_OWNED, 1, SENTINEL, got, self.mark):
+                if (
+                    got
+                    and _stale(got)
+                    and client.eval(_FLUSH_IF_OWNED, 1, SENTINEL, got, self.mark)
+                ):
                     self.url = f"{self._server}/{db}"
                     return self.url
-                refused.append(f"db {db}: {'in use by ' + got if got else 'not empty, not a test database'}")
+                refused.append(
+                    f"db {db}: {'in use by ' + got if got else 'not empty, not a test database'}"
+                )
             finally:
                 client.close()
         raise RedisNotOwned(

@@ -15,14 +15,17 @@ ID_NUMBER = "11010119900307001X"
 
 
 def idocr(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*IDOCR, *args], env=idocr_env(**env), cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [*IDOCR, *args], env=idocr_env(**env), cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def one_line_error(res: subprocess.CompletedProcess[str], code: int) -> str:
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr, res.stderr
-    errors = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(("Usage:", "Try "))]
+    errors = [
+        ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(("Usage:", "Try "))
+    ]
     assert len(errors) == 1, res.stderr
     return errors[0]
 
@@ -56,7 +59,9 @@ def test_zero_concurrency_is_refused(tmp_path: Path) -> None:
         ("postgresql+psycopg://idocr:s3cret-pw@db:notaport/idocr", "is not a database URL"),
     ],
 )
-def test_a_bad_database_url_names_the_variable_not_the_password(tmp_path: Path, url: str, expected: str) -> None:
+def test_a_bad_database_url_names_the_variable_not_the_password(
+    tmp_path: Path, url: str, expected: str
+) -> None:
     line = one_line_error(idocr("status", cwd=tmp_path, IDOCR_DATABASE_URL=url), 1)
     assert "IDOCR_DATABASE_URL" in line and expected in line
     assert "s3cret-pw" not in line

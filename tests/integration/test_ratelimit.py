@@ -149,7 +149,9 @@ def assert_within_rate(bookings: list[Booking], rate: float, duration: float) ->
     assert counted >= 0.8 * rate * duration, counted
 
 
-def test_threads_and_processes_share_one_rate(redis_client: redis.Redis, key: str, redis_db_url: str) -> None:
+def test_threads_and_processes_share_one_rate(
+    redis_client: redis.Redis, key: str, redis_db_url: str
+) -> None:
     # spawn, not fork: the parent holds sockets and will run threads
     ctx = multiprocessing.get_context("spawn")
     inbox: multiprocessing.Queue[Any] = ctx.Queue()
@@ -202,7 +204,9 @@ def test_reserve_books_in_order_up_to_max_wait(redis_client: redis.Redis, key: s
     assert_step(over, book(limiter, max_wait=3.0), 0.0)
 
 
-def test_margin_spaces_slots_so_late_arrivals_stay_within_the_rate(redis_client: redis.Redis, key: str) -> None:
+def test_margin_spaces_slots_so_late_arrivals_stay_within_the_rate(
+    redis_client: redis.Redis, key: str
+) -> None:
     """rate 10, margin 0.1 s: slots 0.11 s apart, so 11 slots span 1.1 s and calls arriving
     up to 0.1 s early or late still count at most 10 in any one second."""
     limiter = RateLimiter(redis_client, key, rate=10, margin=0.1)
@@ -217,7 +221,9 @@ def test_margin_spaces_slots_so_late_arrivals_stay_within_the_rate(redis_client:
         RateLimiter(redis_client, key, rate=10, margin=1.0)
 
 
-def test_the_first_second_of_a_busy_period_is_spaced_by_the_start_margin(redis_client: redis.Redis, key: str) -> None:
+def test_the_first_second_of_a_busy_period_is_spaced_by_the_start_margin(
+    redis_client: redis.Redis, key: str
+) -> None:
     """Idle workers woken together send their first calls late: the first second after an idle
     limiter is paced with the start margin, then the steady interval takes over; after the
     next idle spell the ramp starts again."""
@@ -232,15 +238,19 @@ def test_the_first_second_of_a_busy_period_is_spaced_by_the_start_margin(redis_c
         assert_step(a, b, 0.11)
     for a, b in itertools.pairwise(slots[10:]):
         assert_step(a, b, 0.1)
-    time.sleep(max(0.0, slots[-1].hi - time.time()) + 0.15)  # the bucket runs dry: a new busy period
+    time.sleep(
+        max(0.0, slots[-1].hi - time.time()) + 0.15
+    )  # the bucket runs dry: a new busy period
     again = [book(limiter) for _ in range(3)]
     assert again[0].delay == 0.0
     for a, b in itertools.pairwise(again):
         assert_step(a, b, 0.11)
 
 
-def test_a_slot_booked_by_the_previous_release_is_honoured(redis_client: redis.Redis, key: str) -> None:
-    """During a rolling upgrade the key may hold a bare TAT (no busy-period start): still honoured."""
+def test_a_slot_booked_by_the_previous_release_is_honoured(
+    redis_client: redis.Redis, key: str
+) -> None:
+    """During a rolling upgrade the key may hold a bare TAT (no busy-period start): honoured."""
     seconds, micros = redis_client.time()
     tat = int(seconds) * 1_000_000 + int(micros) + 300_000
     redis_client.set(key, str(tat), px=5000)

@@ -6,6 +6,7 @@ import csv
 import io
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import update
@@ -30,20 +31,42 @@ def _batch(url: str, batch: str, rows: list[repo.NewItem], created: datetime) ->
 
 
 def _row(key: str, **kw: object) -> repo.NewItem:
-    return repo.NewItem(key, f"file:///in/{key}", f"sha256:{key}", sha256=None, **kw)  # type: ignore[arg-type]
+    return repo.NewItem(key, f"file:///in/{key}", f"sha256:{key}", **kw)  # type: ignore[arg-type]
 
 
-def test_status_counts_rate_and_the_latest_batch_with_items(db_url: str, clean_env) -> None:  # type: ignore[no-untyped-def]
+def test_status_counts_rate_and_the_latest_batch_with_items(db_url: str, clean_env: Path) -> None:
     now = datetime.now(UTC)
-    ids = _batch(db_url, "b1", [_row(f"{i}.jpg") for i in range(4)]
-                 + [_row("empty.jpg", status=ItemStatus.REJECTED, reason="empty")], now - timedelta(hours=1))
+    ids = _batch(
+        db_url,
+        "b1",
+        [_row(f"{i}.jpg") for i in range(4)]
+        + [_row("empty.jpg", status=ItemStatus.REJECTED, reason="empty")],
+        now - timedelta(hours=1),
+    )
     # a later scan that failed before adding anything: not "the latest"
     _batch(db_url, "b2-empty", [], now)
     with unit_of_work(db_url) as s:
         for n, item_id in enumerate(ids[:2]):
-            s.add(Attempt(item_id=item_id, number=1, provider="sandbox", started_at=now, outcome="ok", code="2"))
-            s.execute(update(Item).where(Item.id == item_id).values(
-                status=ItemStatus.SUCCEEDED, code="2", claimed_at=now, updated_at=now - timedelta(seconds=n)))
+            s.add(
+                Attempt(
+                    item_id=item_id,
+                    number=1,
+                    provider="sandbox",
+                    started_at=now,
+                    outcome="ok",
+                    code="2",
+                )
+            )
+            s.execute(
+                update(Item)
+                .where(Item.id == item_id)
+                .values(
+                    status=ItemStatus.SUCCEEDED,
+                    code="2",
+                    claimed_at=now,
+                    updated_at=now - timedelta(seconds=n),
+                )
+            )
     settings = Settings(database_url=db_url)
     with unit_of_work(db_url, read_only=True) as s:
         assert latest_batch_id(s) == "b1"
@@ -77,8 +100,16 @@ def test_excel_csv_keeps_the_id_number_as_text(sqlite_url: str) -> None:
 
     (item_id,) = _batch(sqlite_url, "b", [_row("a.jpg")], datetime.now(UTC))
     with unit_of_work(sqlite_url) as s:
-        s.add(Result(item_id=item_id, provider="sandbox", name="张三", id_number=ID_NUMBER,
-                     domicile="=HYPERLINK(\"http://x\")", raw={}))
+        s.add(
+            Result(
+                item_id=item_id,
+                provider="sandbox",
+                name="张三",
+                id_number=ID_NUMBER,
+                domicile='=HYPERLINK("http://x")',
+                raw={},
+            )
+        )
         s.execute(update(Item).where(Item.id == item_id).values(status=ItemStatus.SUCCEEDED))
     buf = io.StringIO()
     with unit_of_work(sqlite_url, read_only=True) as s:

@@ -27,7 +27,9 @@ def test_compose_file_is_valid_against_the_compose_spec() -> None:
     assert exe, "check-jsonschema comes with the dev extra"
     res = subprocess.run(
         [exe, "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -35,8 +37,19 @@ def test_compose_file_is_valid_against_the_compose_spec() -> None:
 def test_compose_file_is_consistent() -> None:
     doc = _compose()
     services = doc["services"]
-    expected = {"redis", "postgres", "objectstore", "bucket", "migrate", "worker", "beat",
-                "metrics", "prometheus", "flower", "producer"}
+    expected = {
+        "redis",
+        "postgres",
+        "objectstore",
+        "bucket",
+        "migrate",
+        "worker",
+        "beat",
+        "metrics",
+        "prometheus",
+        "flower",
+        "producer",
+    }
     assert expected <= set(services)
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
@@ -58,7 +71,11 @@ def test_compose_file_is_consistent() -> None:
     # the work waits for its bucket and schema
     for name in ("worker", "beat", "metrics", "producer"):
         deps = services[name]["depends_on"]
-        assert deps["bucket"]["condition"] == deps["migrate"]["condition"] == "service_completed_successfully"
+        assert (
+            deps["bucket"]["condition"]
+            == deps["migrate"]["condition"]
+            == "service_completed_successfully"
+        )
 
 
 def test_images_are_pinned() -> None:
@@ -68,8 +85,11 @@ def test_images_are_pinned() -> None:
         assert tag and tag != "latest" and re.search(r"\d", tag), f"{name}: {image!r} is not pinned"
     base = re.search(r"^FROM\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
     assert base and re.search(r":\d+\.\d+\.\d+", base.group(1)), base
-    pins = [ln for ln in (ROOT / "deploy/constraints.txt").read_text().splitlines()
-            if ln and not ln.startswith("#")]
+    pins = [
+        ln
+        for ln in (ROOT / "deploy/constraints.txt").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.+]+", p) for p in pins), pins
     names = {p.split("==")[0].lower().replace("_", "-") for p in pins}
     assert {"celery", "sqlalchemy", "psycopg", "prometheus-client", "python-json-logger"} <= names
@@ -129,5 +149,10 @@ def test_the_dashboard_queries_only_metrics_that_exist() -> None:
     known = set(re.findall(r"\b(idocr_[a-z_]+)\{", metrics.__doc__ or ""))
     known |= {n + "_total" for n in known} | {n + "_bucket" for n in known}
     dash = json.loads((ROOT / "deploy/grafana/idocr-dashboard.json").read_text())
-    used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"\bidocr_[a-z_]+", t["expr"])}
+    used = {
+        m
+        for p in dash["panels"]
+        for t in p["targets"]
+        for m in re.findall(r"\bidocr_[a-z_]+", t["expr"])
+    }
     assert used and used <= known, used - known

@@ -32,10 +32,19 @@ def test_json_logs_mask_message_fields_and_tracebacks(restore_logging: None) -> 
     buf = io.StringIO()
     configure_logging(1, "json", buf)
     log = logging.getLogger("idocr.test")
-    log.info("item %s read %s", 7, ID_NUMBER, extra={
-        "id_number": ID_NUMBER, "path": f"/scans/{ID_NUMBER}.jpg", "holder": {"name": "张三丰"},
-        "item_id": 123456789012345678, "elapsed_ms": 231, "ok": True,
-    })
+    log.info(
+        "item %s read %s",
+        7,
+        ID_NUMBER,
+        extra={
+            "id_number": ID_NUMBER,
+            "path": f"/scans/{ID_NUMBER}.jpg",
+            "holder": {"name": "张三丰"},
+            "item_id": 123456789012345678,
+            "elapsed_ms": 231,
+            "ok": True,
+        },
+    )
     try:
         raise ValueError(f"cannot read /scans/{ID_NUMBER}.jpg")
     except ValueError:
@@ -46,7 +55,11 @@ def test_json_logs_mask_message_fields_and_tracebacks(restore_logging: None) -> 
     assert first["id_number"] == MASKED and first["path"] == f"/scans/{MASKED}.jpg"
     assert first["holder"] == {"name": "张**"}
     # numbers are not PII: an 18-digit item id and a latency pass unchanged
-    assert first["item_id"] == 123456789012345678 and first["elapsed_ms"] == 231 and first["ok"] is True
+    assert (
+        first["item_id"] == 123456789012345678
+        and first["elapsed_ms"] == 231
+        and first["ok"] is True
+    )
     assert first["level"] == "INFO" and first["logger"] == "idocr.test"
     assert first["time"].endswith("+00:00")
     assert MASKED in second["exc_info"] and second["level"] == "ERROR"
@@ -89,7 +102,8 @@ print(generate_latest(build_registry()).decode())
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text) for s in fam.samples
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
     }
 
 
@@ -97,18 +111,29 @@ def test_counters_of_every_process_add_up_in_multiprocess_mode(tmp_path: Path) -
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "PATH": "/usr/bin:/bin"}
     for _ in range(2):  # two worker processes
         subprocess.run([sys.executable, "-c", _RECORD], env=env, check=True, timeout=60)
-    out = subprocess.run([sys.executable, "-c", _SERVE], env=env, check=True, timeout=60,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVE],
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    ).stdout
     got = _samples(out)
     calls = "idocr_provider_calls_total"
     assert got[(calls, (("code", "2"), ("outcome", "ok"), ("provider", "ihuyi")))] == 2
     assert got[(calls, (("code", "4010"), ("outcome", "transient"), ("provider", "ihuyi")))] == 2
     assert got[(calls, (("code", ""), ("outcome", "unknown"), ("provider", "ihuyi")))] == 2
     assert got[("idocr_provider_billed_total", (("provider", "ihuyi"),))] == 2
-    assert got[("idocr_provider_retries_total", (("outcome", "transient"), ("provider", "ihuyi")))] == 2
+    assert (
+        got[("idocr_provider_retries_total", (("outcome", "transient"), ("provider", "ihuyi")))]
+        == 2
+    )
     assert got[("idocr_provider_unknown_total", (("provider", "ihuyi"),))] == 2
     assert got[("idocr_provider_latency_seconds_count", (("provider", "ihuyi"),))] == 4
-    assert got[("idocr_provider_latency_seconds_bucket", (("le", "0.5"), ("provider", "ihuyi")))] == 2
+    assert (
+        got[("idocr_provider_latency_seconds_bucket", (("le", "0.5"), ("provider", "ihuyi")))] == 2
+    )
     assert got[("idocr_ratelimit_wait_seconds_count", (("provider", "ihuyi"),))] == 2
 
 
@@ -120,7 +145,9 @@ def test_a_broken_metric_call_never_raises() -> None:
 
 
 @pytest.mark.redis
-def test_state_gauges_come_from_sql_and_redis(sqlite_url: str, redis_url: str, clean_env) -> None:  # type: ignore[no-untyped-def]
+def test_state_gauges_come_from_sql_and_redis(
+    sqlite_url: str, redis_url: str, clean_env: Path
+) -> None:
     import redis
     from prometheus_client import generate_latest
 
@@ -130,10 +157,12 @@ def test_state_gauges_come_from_sql_and_redis(sqlite_url: str, redis_url: str, c
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
 
-    settings = Settings(database_url=sqlite_url, redis_url=redis_url)
+    settings = Settings(database_url=sqlite_url, redis_url=redis_url, provider="sandbox")
     with unit_of_work(sqlite_url) as s:
         repo.get_or_create_batch(s, "b1", "/in/", "sandbox")
-        repo.add_items(s, "b1", [repo.NewItem(f"{i}.jpg", f"file:///in/{i}.jpg", f"k:{i}") for i in range(3)])
+        repo.add_items(
+            s, "b1", [repo.NewItem(f"{i}.jpg", f"file:///in/{i}.jpg", f"k:{i}") for i in range(3)]
+        )
         repo.add_pause(s, "sandbox", "sandbox", "quota", "quota exhausted")
         repo.add_balance_reading(s, "sandbox", "sandbox", 42)
     client = redis.Redis.from_url(redis_url)
@@ -143,7 +172,15 @@ def test_state_gauges_come_from_sql_and_redis(sqlite_url: str, redis_url: str, c
     acct = (("account", "sandbox"), ("provider", "sandbox"))
     assert got[("idocr_items", (("batch", "b1"), ("status", "queued")))] == 3
     assert got[("idocr_paused", acct)] == 1
-    assert got[("idocr_pause_kind", (("account", "sandbox"), ("kind", "quota"), ("provider", "sandbox")))] == 1
+    assert (
+        got[
+            (
+                "idocr_pause_kind",
+                (("account", "sandbox"), ("kind", "quota"), ("provider", "sandbox")),
+            )
+        ]
+        == 1
+    )
     assert got[("idocr_balance_remaining", acct)] == 42
     assert got[("idocr_queue_depth", (("queue", settings.queue),))] == 2
     assert got[("idocr_quota_remaining", acct)] == 40
