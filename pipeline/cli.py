@@ -447,10 +447,14 @@ def status(batch_id: str | None, as_json: bool, watch: float | None) -> None:
         else:
             out.print(_status_view(st))
         return
+    from contextlib import nullcontext
+
     from rich.live import Live
 
+    # --json: one object per line per round (for a pipe); otherwise the view redrawn in place
+    live = nullcontext() if as_json else Live(console=out, auto_refresh=False)
     try:
-        with Live(_status_view(snapshot()), console=out, auto_refresh=False) as live:
+        with live:
             while True:
                 st = snapshot()
                 if as_json:

@@ -101,3 +101,48 @@ def test_migrate_says_what_it_did(tmp_path: Path) -> None:
 def test_excel_needs_csv(tmp_path: Path) -> None:
     line = one_line_error(idocr("export", "--format", "jsonl", "--excel", cwd=tmp_path), 2)
     assert "--format csv" in line
+
+
+def _sqlite_batch(tmp_path: Path, final: bool) -> str:
+    from pipeline.storage import repo
+    from pipeline.storage.db import unit_of_work, upgrade
+    from pipeline.storage.models import ItemStatus
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(url)
+    status = ItemStatus.REJECTED if final else ItemStatus.QUEUED
+    with unit_of_work(url) as s:
+        repo.get_or_create_batch(s, "w1", "/in/", "sandbox")
+        repo.add_items(s, "w1", [repo.NewItem("a.jpg", "file:///in/a.jpg", "k:a", status=status)])
+    return url
+
+
+def test_status_json_is_one_object_on_stdout(tmp_path: Path) -> None:
+    url = _sqlite_batch(tmp_path, final=True)
+    res = idocr("status", "--json", cwd=tmp_path, IDOCR_DATABASE_URL=url)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["batch"] == "w1" and doc["items"]["by_status"] == {"rejected": 1}
+    assert doc["items"]["final"] is True and doc["eta_seconds"] == 0.0
+    res = idocr("status", cwd=tmp_path, IDOCR_DATABASE_URL=url)
+    assert "every item is final" in res.stdout and not res.stderr.strip(), res.stderr
+
+
+def test_status_watch_ends_when_every_item_is_final_and_redraws_until_then(tmp_path: Path) -> None:
+    url = _sqlite_batch(tmp_path, final=True)
+    res = idocr("status", "--watch", "0.2", "--json", cwd=tmp_path, IDOCR_DATABASE_URL=url)
+    assert res.returncode == 0 and len(res.stdout.splitlines()) == 1, res.stdout + res.stderr
+    (tmp_path / "pending").mkdir()
+    url = _sqlite_batch(tmp_path / "pending", final=False)
+    with pytest.raises(subprocess.TimeoutExpired) as info:
+        subprocess.run(
+            [*IDOCR, "status", "--watch", "0.2", "--json"],
+            cwd=tmp_path,
+            timeout=6,
+            env=idocr_env(IDOCR_DATABASE_URL=url),
+            capture_output=True,
+            text=True,
+        )
+    lines = (info.value.stdout or b"").splitlines()
+    assert len(lines) >= 2, lines  # still pending: redrawn, not ended
+    assert all(json.loads(ln)["items"]["pending"] == 1 for ln in lines)
