@@ -288,3 +288,31 @@ def test_a_quota_pause_resumes_after_a_top_up_with_plain_celery_workers(cluster:
     cluster.sandbox.add_quota(IMAGES)
     cluster.wait_final(batch, recovery_bound())
     assert assert_every_image_billed_once(cluster, batch) == {"succeeded": IMAGES}
+
+
+def test_scanning_into_a_batch_again_resends_what_waits(tmp_path: Path, cards) -> None:  # type: ignore[no-untyped-def]
+    """`idocr scan SRC --batch B` after the broker lost its messages: what is still queued gets
+    a message again (and nothing new is added)."""
+    import redis
+
+    folder, _ = cards
+    own = OwnRedis(tmp_path / "redis")
+    try:
+        env = idocr_env(IDOCR_REDIS_URL=own.url, IDOCR_DATA_DIR=str(tmp_path / ".idocr"),
+                        IDOCR_PROVIDER="sandbox")
+
+        def scan(*args: str) -> subprocess.CompletedProcess[str]:
+            res = subprocess.run([*IDOCR, "scan", str(folder), *args], env=env, capture_output=True,
+                                 text=True, timeout=120, cwd=tmp_path, check=False)
+            assert res.returncode == 0, res.stderr
+            return res
+
+        batch = scan().stdout.strip().splitlines()[-1]
+        client = redis.Redis.from_url(own.url)
+        assert client.llen("ocr") == IMAGES
+        client.delete("ocr")  # the messages are lost
+        res = scan("--batch", batch)
+        assert f"{IMAGES} items an earlier run left waiting sent again" in " ".join(res.stderr.split())
+        assert client.llen("ocr") == IMAGES
+    finally:
+        own.stop()
