@@ -41,6 +41,9 @@ class ScanReport:
     reasons: dict[str, int] = field(default_factory=dict)
     #: duplicates by reason: same_content, already_succeeded
     skipped: dict[str, int] = field(default_factory=dict)
+    #: what the source listed but did not take, so never an item, by reason (a local folder:
+    #: hidden, symlink_outside_root, symlink_loop, broken_symlink, special_file)
+    skipped_files: dict[str, int] = field(default_factory=dict)
 
 
 def new_batch_id(now: datetime | None = None) -> str:
@@ -212,6 +215,8 @@ def scan(
         report.already_present += len(refs) - len(items)
         if on_chunk is not None:
             on_chunk(report)
+    # read once the listing has ended (the listing thread no longer counts)
+    report.skipped_files = dict(getattr(source, "skipped", {}))
     return report
 
 
