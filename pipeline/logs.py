@@ -58,6 +58,8 @@ class MaskingJsonFormatter(JsonFormatter):
 def _level(verbose: int | str) -> int:
     if isinstance(verbose, str):
         return logging.getLevelNamesMapping().get(verbose.upper(), logging.INFO)
+    if verbose >= logging.DEBUG:
+        return verbose  # a logging level already (Celery's setup_logging hands one over)
     return logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
 
 
@@ -65,8 +67,8 @@ def configure_logging(
     verbose: int | str = 0, fmt: str | None = None, stream: IO[str] | None = None
 ) -> logging.Handler:
     """Send the root logger to ``stream`` (stderr) in ``fmt`` (default ``IDOCR_LOG_FORMAT`` or
-    text), through the PII filter. ``verbose``: 0 warnings, 1 info, 2 debug, or a level name
-    (Celery hands its ``--loglevel`` over as one). Returns the handler installed."""
+    text), through the PII filter. ``verbose``: 0 warnings, 1 info, 2 debug, or a logging level
+    (a number from 10 up, or its name). Returns the handler installed."""
     fmt = (fmt or os.environ.get("IDOCR_LOG_FORMAT") or "text").lower()
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")

@@ -127,9 +127,12 @@ def _safe(fn: Any) -> Any:
 
 @_safe
 def record_call(provider: str, outcome: str, code: str | None, seconds: float | None) -> None:
-    """One provider call answered: ``outcome`` its class (ok, transient, image, quota, account,
-    clock), ``code`` the provider's code ("" for none), ``seconds`` from send to answer."""
+    """One provider call that came back from the send: ``outcome`` its class (ok, transient,
+    image, quota, account, clock, or unknown: sent, the answer lost), ``code`` the provider's
+    code ("" for none), ``seconds`` from send to answer."""
     CALLS.labels(provider, outcome, code or "").inc()
+    if outcome == "unknown":
+        UNKNOWN.labels(provider).inc()
     if seconds is not None:
         LATENCY.labels(provider).observe(max(0.0, seconds))
 
@@ -147,12 +150,12 @@ def record_retry(provider: str, outcome: str) -> None:
 
 
 @_safe
-def record_unknown(provider: str, seconds: float | None = None) -> None:
-    """A call sent whose answer was lost (timeout after send, worker died mid-call)."""
-    UNKNOWN.labels(provider).inc()
-    CALLS.labels(provider, "unknown", "").inc()
-    if seconds is not None:
-        LATENCY.labels(provider).observe(max(0.0, seconds))
+def record_unknown(provider: str, n: int = 1) -> None:
+    """Calls found in flight on a worker that died (its attempts closed as unknown at the
+    takeover): sent, maybe billed, never answered to anyone. Calls whose send returned with
+    an unknown outcome are counted by :func:`record_call`."""
+    UNKNOWN.labels(provider).inc(n)
+    CALLS.labels(provider, "unknown", "").inc(n)
 
 
 @_safe

@@ -70,6 +70,11 @@ def test_text_logs_stay_text(restore_logging: None) -> None:
     configure_logging(0, "text", buf)
     logging.getLogger("idocr.test").warning("number %s", ID_NUMBER)
     assert buf.getvalue().rstrip().endswith(f"idocr.test: number {MASKED}")
+    # Celery hands its level over as a logging level, not a verbosity count
+    configure_logging(logging.INFO, "text", buf)
+    assert logging.getLogger().level == logging.INFO
+    configure_logging("debug", "text", buf)
+    assert logging.getLogger().level == logging.DEBUG
     with pytest.raises(ValueError, match="log format"):
         configure_logging(0, "xml", buf)
 
@@ -88,6 +93,7 @@ metrics.record_call("ihuyi", "ok", "2", 0.3)
 metrics.record_call("ihuyi", "transient", "4010", 1.5)
 metrics.record_billed("ihuyi")
 metrics.record_retry("ihuyi", "transient")
+metrics.record_call("ihuyi", "unknown", None, 30.0)
 metrics.record_unknown("ihuyi")
 metrics.record_limiter_wait(0.02, "ihuyi")
 """
@@ -123,14 +129,15 @@ def test_counters_of_every_process_add_up_in_multiprocess_mode(tmp_path: Path) -
     calls = "idocr_provider_calls_total"
     assert got[(calls, (("code", "2"), ("outcome", "ok"), ("provider", "ihuyi")))] == 2
     assert got[(calls, (("code", "4010"), ("outcome", "transient"), ("provider", "ihuyi")))] == 2
-    assert got[(calls, (("code", ""), ("outcome", "unknown"), ("provider", "ihuyi")))] == 2
+    # one sent and lost, one found in flight on a dead worker, in each process
+    assert got[(calls, (("code", ""), ("outcome", "unknown"), ("provider", "ihuyi")))] == 4
     assert got[("idocr_provider_billed_total", (("provider", "ihuyi"),))] == 2
     assert (
         got[("idocr_provider_retries_total", (("outcome", "transient"), ("provider", "ihuyi")))]
         == 2
     )
-    assert got[("idocr_provider_unknown_total", (("provider", "ihuyi"),))] == 2
-    assert got[("idocr_provider_latency_seconds_count", (("provider", "ihuyi"),))] == 4
+    assert got[("idocr_provider_unknown_total", (("provider", "ihuyi"),))] == 4
+    assert got[("idocr_provider_latency_seconds_count", (("provider", "ihuyi"),))] == 6
     assert (
         got[("idocr_provider_latency_seconds_bucket", (("le", "0.5"), ("provider", "ihuyi")))] == 2
     )
