@@ -669,8 +669,12 @@ _HAN: Final = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 _HAN_RUN: Final = re.compile(rf"[{_HAN}]+(?:[·•・][{_HAN}]+)*")
 _KEPT_IN_RUN: Final = re.compile("|".join(sorted(_KEPT_WORDS, key=len, reverse=True)))
 _DOC_EXT: Final = r"jpe?g|png|bmp|pdf|gif|webp|tiff?|heic|heif|avif|txt|csv|json"
+# A token starts only where a token can (after a space, a quote, a bracket or the start): tried
+# at every character instead, a long unbroken string would take quadratic time.
 _FILE_TOKEN: Final = re.compile(
-    rf"(?:(?:file|s3)://[^\s\"'<>|]*|[^\s\"'<>|]*\.(?:{_DOC_EXT}))(?![A-Za-z0-9])", re.IGNORECASE
+    rf"(?<![^\s\"'<>|(\[])(?:(?:file|s3)://[^\s\"'<>|]*|[^\s\"'<>|(\[]*\.(?:{_DOC_EXT}))"
+    r"(?![A-Za-z0-9])",
+    re.IGNORECASE,
 )
 _FILE_VALUE: Final = re.compile(rf"(?:file|s3)://.*|.*\.(?:{_DOC_EXT})", re.IGNORECASE | re.DOTALL)
 _LATIN_WORD: Final = re.compile(r"[A-Za-z]{2,}")
