@@ -460,7 +460,7 @@ def status(batch_id: str | None, as_json: bool, watch: float | None) -> None:
                 if as_json:
                     click.echo(json.dumps(st.to_dict(), ensure_ascii=False))
                 else:
-                    live.update(_status_view(st), refresh=True)
+                    live.update(_status_view(st), refresh=True)  # type: ignore[union-attr]
                 if st.batch is None or st.final:
                     return
                 time.sleep(watch)
@@ -735,6 +735,7 @@ def main() -> None:
     """The entry point: every error a user can cause ends as one line on stderr and its exit
     code, never a traceback; ID numbers in a message (a path can hold one) are masked."""
     import redis
+    from botocore.exceptions import BotoCoreError, ClientError
     from sqlalchemy.exc import OperationalError
 
     from pipeline.validation import redact_text
@@ -758,6 +759,9 @@ def main() -> None:
         sys.exit(EXIT_ERROR)
     except redis.exceptions.ConnectionError as exc:
         err.print(f"[red]Redis (IDOCR_REDIS_URL) unreachable: {_one_line(exc)}")
+        sys.exit(EXIT_ERROR)
+    except (BotoCoreError, ClientError) as exc:  # no credentials, endpoint down, access denied
+        err.print(f"[red]S3 (IDOCR_S3_ENDPOINT_URL, AWS credentials): {_one_line(exc)}")
         sys.exit(EXIT_ERROR)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
