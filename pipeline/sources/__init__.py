@@ -8,14 +8,17 @@ from pipeline.sources.base import Source, SourceError, SourceRef
 __all__ = ["Source", "SourceError", "SourceRef", "head_uri", "open_source", "presign_uri", "read_uri"]
 
 
-def open_source(location: str, *, endpoint_url: str | None = None) -> Source:
+def open_source(
+    location: str, *, endpoint_url: str | None = None, follow_symlinks: bool = False
+) -> Source:
+    """``follow_symlinks``: a folder also takes links whose target lies outside it."""
     if location.startswith("s3://"):
         from pipeline.sources.s3 import S3Source
 
         return S3Source(location, endpoint_url=endpoint_url)
     from pipeline.sources.local import LocalSource
 
-    return LocalSource(location)
+    return LocalSource(location, follow_symlinks=follow_symlinks)
 
 
 def read_uri(uri: str, *, endpoint_url: str | None = None) -> bytes:
