@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["FONT_FILES", "fonts", "make_sample", "random_person", "render_card"]
+__all__ = ["FONT_FILES", "fonts", "make_background", "make_sample", "random_person", "render_card"]
 
 # (file, face name wanted in a collection)
 FONT_FILES: dict[str, tuple[str, str]] = {
@@ -466,6 +466,15 @@ def _scan(card: Image.Image, rng: random.Random) -> tuple[Image.Image, dict[str,
     skew = rng.uniform(-2.5, 2.5)
     page = page.rotate(skew, resample=Image.BICUBIC, expand=True, fillcolor=(250, 250, 250))
     return page, {"card_width": cw, "skew": round(skew, 1)}
+
+
+def make_background(seed: int) -> bytes:
+    """A phone photo of a busy table with no card on it (JPEG bytes)."""
+    rng = random.Random(seed)
+    im = _busy_background(rng, (rng.randint(900, 1600), rng.randint(700, 1200)))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=rng.randint(50, 90))
+    return buf.getvalue()
 
 
 def make_sample(seed: int, side: str | None = None, style: str | None = None,

@@ -194,6 +194,19 @@ def _chars_of(box: TextBox, index: int) -> list[_Char]:
     return out
 
 
+def _row_chars(boxes: Sequence[TextBox], band: Sequence[int]) -> list[_Char]:
+    """The row's characters left to right. Where two boxes overlap (the detector cut one line
+    twice), the earlier box's characters inside the later box are dropped: read once, not twice."""
+    chars: list[_Char] = []
+    for k, j in enumerate(band):
+        own = _chars_of(boxes[j], j)
+        if k + 1 < len(band):
+            nxt = boxes[band[k + 1]]
+            own = [c for c in own if c.x < nxt.x0 or c.x > nxt.x1]
+        chars.extend(own)
+    return chars
+
+
 def _rows(boxes: Sequence[TextBox]) -> list[_Row]:
     """Group boxes into rows by vertical overlap (half of the smaller height)."""
     order = sorted(range(len(boxes)), key=lambda i: boxes[i].cy)
@@ -214,7 +227,7 @@ def _rows(boxes: Sequence[TextBox]) -> list[_Row]:
     rows = []
     for band in bands:
         band.sort(key=lambda j: boxes[j].x0)
-        chars = [c for j in band for c in _chars_of(boxes[j], j)]
+        chars = _row_chars(boxes, band)
         if not chars:
             continue
         rows.append(
@@ -252,6 +265,12 @@ def _find_label(row: _Row, label: str, row_index: int, *, anywhere: bool = True)
         if seq[p : p + n] == label:
             return _Label(row_index, cjk[p], cjk[p + n - 1] + 1, True)
     allowed = 2 if n >= 6 else 1
+    if n == 2 and seq and not anywhere and (seq[0] == label[1] or (
+            seq[0] == label[0] and seq[1:2] != label[1:])):
+        # one character of a two-character label lost (not detected, or read as something
+        # else): its other character opening the row still marks where the value starts
+        if seq[:2] != label:
+            return _Label(row_index, cjk[0], cjk[0] + 1, False)
     for p in positions:
         if n == 2 and p > 0:
             break
@@ -394,10 +413,8 @@ def clean_name(text: str) -> str | None:
         if kept.startswith(remnant) and len(kept) - len(remnant) >= 2:
             kept = kept[len(remnant):]
             break
-    while len(kept) > 2 and kept[-1] in _STRAY:
-        kept = kept[:-1]
-    while len(kept) > 2 and kept[0] in _STRAY:
-        kept = kept[1:]
+    # strokes of the background read as characters (一 and 乙 are real given names)
+    kept = kept.strip("丨丿丶亅")
     return kept or None
 
 
@@ -417,6 +434,12 @@ def clean_ethnicity(text: str) -> str | None:
     for name in ETHNICITIES:
         if t.startswith(name):
             return name
+    # A name whose missing characters the recogniser cannot read at all (仫 is not in
+    # PP-OCRv4's dictionary): "佬" alone is 仫佬, since 仡 would have been read.
+    for name in ETHNICITIES:
+        rest = name.replace(t, "", 1) if t in name else None
+        if rest and all(c in _UNREADABLE for c in rest):
+            return name
     best, best_score = None, 0.0
     for name in ETHNICITIES:
         common = sum(1 for a, b in zip(t, name, strict=False) if a == b)
@@ -428,6 +451,9 @@ def clean_ethnicity(text: str) -> str | None:
         return best
     return t
 
+
+#: characters of official names that the recogniser's dictionary lacks
+_UNREADABLE = frozenset("仫")
 
 _AUTHORITY_ENDINGS = ("公安局", "分局", "公安处", "公安分局")
 
@@ -460,14 +486,17 @@ _BIRTH_ROW = re.compile(r"\d{4}\D{0,2}年|年\D{0,2}\d{1,2}\D{0,2}月")
 _PERIOD_ROW = re.compile(r"\d{4}\D?\d{2}\D?\d{2}")
 
 
-def _after(row: _Row, label: _Label | None, value_x: float | None) -> list[_Char]:
-    """The row's characters right of its label (or, without a label, right of the value
-    column's left edge)."""
+def _after(row: _Row, label: _Label | None, value_x: float | None, label_text: str = "") -> list[_Char]:
+    """The row's characters right of its label; without a label found, those right of the
+    label column, less any of the label's characters opening them."""
     if label is not None:
         return row.chars[label.end :]
-    if value_x is None:
-        return list(row.chars)
-    return [c for c in row.chars if c.x >= value_x - 0.6 * row.height]
+    chars = list(row.chars)
+    if value_x is not None:
+        chars = [c for c in chars if c.x >= value_x - 1.5 * row.height]
+    while chars and chars[0].ch in label_text:
+        chars = chars[1:]
+    return chars
 
 
 def _value_x(rows: list[_Row], labels: Sequence[_Label | None]) -> float | None:
@@ -510,7 +539,7 @@ def _constrain(rows: list[_Row], boxes: list[TextBox], r: int, allowed: Allowed)
         boxes[j] = replace(b, text=text, score=score, char_x=xs)
         changed = True
     if changed:
-        row.chars = [c for j in row.boxes for c in _chars_of(boxes[j], j)]
+        row.chars = _row_chars(boxes, row.boxes)
 
 
 def _relabel(rows: list[_Row], label: _Label | None, text: str, anywhere: bool) -> _Label | None:
@@ -586,7 +615,7 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
     if name_row is not None:
         row = rows[name_row]
         chars = _contiguous(
-            [c for c in _after(row, name_l, value_x) if _is_cjk(c.ch) or c.ch in "·•"],
+            [c for c in _after(row, name_l, value_x, _LABEL_NAME) if _is_cjk(c.ch) or c.ch in "·•"],
             row.height,
         )
         v = _take(chars)
@@ -613,17 +642,17 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
         put("ethnicity", clean_ethnicity(ev.text), ev)
 
     if birth_row is not None:
-        bv = _take(_after(rows[birth_row], birth_l, value_x))
+        bv = _take(_after(rows[birth_row], birth_l, value_x, _LABEL_BIRTH))
         put("date_of_birth", clean_birth_date(bv.text), bv)
 
     if addr_row is not None:
-        first = _after(rows[addr_row], addr_l, value_x)
+        first = _after(rows[addr_row], addr_l, value_x, _LABEL_ADDRESS)
         chars = list(first)
         left = min((c.x for c in first), default=value_x)
         for r in addr_rows[1:]:
             row = rows[r]
             # continuation lines start in the value column; anything left of it is not address
-            chars.extend(c for c in row.chars if left is None or c.x >= left - 1.0 * row.height)
+            chars.extend(c for c in row.chars if left is None or c.x >= left - 1.5 * row.height)
         av = _take(chars)
         put("domicile", clean_address(av.text), av)
 
@@ -641,6 +670,7 @@ def _back(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
     auth_l = _first_label(rows, _LABEL_AUTHORITY)
     period_l = _first_label(rows, _LABEL_PERIOD)
     period_row = period_l.row if period_l else None
+    period_top = period_row  # the period's label row, which may sit above the value
     if period_row is not None and not _PERIOD_ROW.search(texts[period_row].translate(_DIGIT_LOOKALIKE)):
         # the period printed on the line below its label
         nxt = period_row + 1
@@ -648,15 +678,15 @@ def _back(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
             period_row, period_l = nxt, None
     if period_row is None:
         dated = [i for i, t in enumerate(texts) if _PERIOD_ROW.search(t.translate(_DIGIT_LOOKALIKE))]
-        period_row = dated[-1] if dated else None
+        period_row = period_top = dated[-1] if dated else None
     auth_row = auth_l.row if auth_l else None
-    if auth_row is None and period_row is not None and period_row > 0:
-        auth_row = period_row - 1
-    auth_stop = period_row if period_row is not None and auth_row is not None and period_row > auth_row \
-        else (auth_row or 0) + 2
-    auth_rows = list(range(auth_row, min(auth_stop, len(rows)))) if auth_row is not None else []
-    if period_l is not None and period_l.row in auth_rows:
-        auth_rows = [r for r in auth_rows if r < period_l.row]
+    if auth_row is None and period_top is not None and period_top > 0:
+        auth_row = period_top - 1
+    if auth_row is None:
+        auth_rows: list[int] = []
+    else:
+        stop = period_top if period_top is not None and period_top > auth_row else auth_row + 2
+        auth_rows = list(range(auth_row, min(stop, len(rows))))
 
     for r in auth_rows:
         _constrain(rows, boxes, r, _authority_char)
@@ -668,10 +698,10 @@ def _back(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
 
     if auth_rows:
         row = rows[auth_rows[0]]
-        chars = list(_after(row, auth_l, value_x))
+        chars = list(_after(row, auth_l, value_x, _LABEL_AUTHORITY))
         left = min((c.x for c in chars), default=value_x)
         for r in auth_rows[1:]:
-            chars.extend(c for c in rows[r].chars if left is None or c.x >= left - rows[r].height)
+            chars.extend(c for c in rows[r].chars if left is None or c.x >= left - 1.5 * rows[r].height)
         v = _take(chars)
         cleaned = clean_authority(v.text)
         if cleaned:
@@ -680,7 +710,7 @@ def _back(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
 
     if period_row is not None:
         row = rows[period_row]
-        v = _take(_after(row, period_l, value_x))
+        v = _take(_after(row, period_l, value_x, _LABEL_PERIOD))
         valid_from, valid_to = clean_period(v.text)
         conf = _confidence(boxes, v)
         if valid_from:

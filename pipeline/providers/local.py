@@ -56,6 +56,10 @@ FETCH_FAILED_CODE = "fetch_failed"
 #: Detection runs on the image scaled so that its longer side is this long: large enough for
 #: the text of a card that fills half a phone photo, small enough to keep detection ~0.3 s.
 DET_LONG_SIDE = 1152
+#: Detection thresholds below RapidOCR's (0.3 / 0.5): a lone character on a busy background
+#: (男, 汉) scores low as a box, and what is not text is dropped later by its recognition score.
+DET_THRESH = 0.25
+DET_BOX_THRESH = 0.35
 #: Recognition crops come from the image at most this large (the pipeline's own limit).
 REC_LONG_SIDE = 2048
 #: Lines recognised per image at most (a busy background can show many text-like shapes).
@@ -87,7 +91,10 @@ class CardOCR:
         cv2.setNumThreads(1)
         self._cv2 = cv2
         # One thread per model run: the worker already runs several images at once.
-        self._engine = RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1)
+        self._engine = RapidOCR(
+            intra_op_num_threads=1, inter_op_num_threads=1,
+            det_thresh=DET_THRESH, det_box_thresh=DET_BOX_THRESH,
+        )
         det = self._engine.text_det
         self._det = det
         # "max" with a limit above DET_LONG_SIDE: the image is only padded to a multiple of 32
@@ -95,6 +102,15 @@ class CardOCR:
         self._det_long_side = det_long_side
         self._charset = _Charset(list(self._engine.text_rec.postprocess_op.character))
         self.version = _engine_version()
+
+    def threads(self) -> dict[str, tuple[int, int]]:
+        """(intra-op, inter-op) threads of each model's onnxruntime session."""
+        out = {}
+        for name, infer in (("det", self._det.infer), ("cls", self._engine.text_cls.infer),
+                            ("rec", self._engine.text_rec.session)):
+            opts = infer.session.get_session_options()
+            out[name] = (opts.intra_op_num_threads, opts.inter_op_num_threads)
+        return out
 
     # -- stages --------------------------------------------------------------------------------
     def _detect(self, img: np.ndarray) -> np.ndarray:
@@ -325,8 +341,18 @@ class LocalOCRClient:
         self._timeout = timeout
         self._ocr = CardOCR()
         #: OCR runs at once in this process: one per core, whatever the worker's concurrency
-        self._slots = threading.BoundedSemaphore(parallel or os.cpu_count() or 1)
+        self._parallel = parallel or os.cpu_count() or 1
+        self._slots = threading.BoundedSemaphore(self._parallel)
         self._http: Any = None
+
+    @property
+    def engine(self) -> CardOCR:
+        return self._ocr
+
+    @property
+    def parallel(self) -> int:
+        """OCR runs this process lets go at once."""
+        return self._parallel
 
     def __repr__(self) -> str:
         return f"LocalOCRClient(engine=rapidocr-onnxruntime {self._ocr.version})"
