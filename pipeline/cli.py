@@ -66,7 +66,7 @@ def cli(verbose: int, log_format: str) -> None:
     an OCR provider, results in SQL.
 
     With no configuration everything is embedded: SQLite and Redis in ./.idocr/, and the local
-    sandbox provider. See README.md for the IDOCR_* settings.
+    OCR engine. See README.md for the IDOCR_* settings.
     """
     # the worker processes `run` starts read the same variable
     os.environ["IDOCR_LOG_FORMAT"] = log_format
@@ -274,7 +274,7 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
         output: str | None, concurrency: int | None, timeout: float | None) -> None:
     """Scan SOURCE (a folder or s3://bucket/prefix), process it with local workers, and wait.
 
-    On the embedded default this starts Redis and the sandbox provider itself.
+    On the embedded default this starts Redis itself (and the sandbox, when it is the provider).
     """
     from pipeline import control, producer
     from pipeline.queueing import enqueue_items

@@ -2,7 +2,7 @@
 
 Precedence, highest first: explicit arguments, ``IDOCR_*`` environment variables, the TOML
 profile named by ``IDOCR_CONFIG`` (see ``configs/``), the defaults below. The defaults are the
-embedded profile: SQLite and an embedded Redis under ``./.idocr/``, the sandbox provider.
+embedded profile: SQLite and an embedded Redis under ``./.idocr/``, the local OCR engine.
 
 Secrets (API keys) come from the environment only: a TOML profile that names one is refused,
 so a key never ends up in a file that gets committed or copied around.
@@ -26,7 +26,7 @@ from pydantic_settings import (
 
 SECRET_FIELDS = frozenset({"ihuyi_api_key", "showapi_app_key"})
 
-ProviderName = Literal["sandbox", "ihuyi", "showapi"]
+ProviderName = Literal["local", "sandbox", "ihuyi", "showapi"]
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     queue: str = "ocr"
 
     # -- provider ----------------------------------------------------------------------------
-    #: Unset: ihuyi when its credentials are configured, else the local sandbox.
+    #: Unset: ihuyi (or showapi) when its credentials are configured, else the local OCR engine.
+    #: The sandbox (the providers' emulator) is only ever chosen explicitly.
     provider: ProviderName | None = None
     ihuyi_account: str | None = None
     ihuyi_api_key: SecretStr | None = None
@@ -251,7 +252,9 @@ class Settings(BaseSettings):
             return self.provider
         if self.ihuyi_account and self.ihuyi_api_key:
             return "ihuyi"
-        return "sandbox"
+        if self.showapi_app_key:
+            return "showapi"
+        return "local"
 
     @property
     def heartbeat_interval(self) -> float:

@@ -31,6 +31,7 @@ from pipeline.sources import head_uri, presign_uri, read_uri
 log = logging.getLogger(__name__)
 
 SANDBOX_ACCOUNT = "sandbox"
+LOCAL_ACCOUNT = "local"  # the local engine has no account; pauses are still kept per account
 SANDBOX_KEY = "sandbox-key"  # not a secret: the local emulator's fixed credentials
 #: the shipped examples' ground truth, used by the sandbox when no truth file is configured
 EXAMPLES_TRUTH = Path(__file__).resolve().parent.parent / "examples" / "truth.json"
@@ -76,6 +77,11 @@ def _sandbox_url(settings: Settings) -> str:
 
 def build_provider(settings: Settings) -> Provider:
     name = settings.resolved_provider
+    if name == "local":
+        # imported here: only a process that runs OCR pays for loading the engine
+        from pipeline.providers.local import LocalOCRClient
+
+        return LocalOCRClient(timeout=settings.http_timeout)
     if name == "sandbox":
         return IhuyiClient(
             SANDBOX_ACCOUNT, SANDBOX_KEY, _sandbox_url(settings),
@@ -103,6 +109,8 @@ def build_provider(settings: Settings) -> Provider:
 def provider_identity(settings: Settings) -> tuple[str, str]:
     """(provider, account) as pauses, the limiter and the ledger key them, without a client."""
     name = settings.resolved_provider
+    if name == "local":
+        return name, LOCAL_ACCOUNT
     if name == "sandbox":
         return name, SANDBOX_ACCOUNT
     if name == "ihuyi":
@@ -140,14 +148,17 @@ def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | N
     provider = build_provider(settings)
     r = redis_client(settings)
     wid = worker_id()
+    # The local engine has no rate limit to keep and no paid quota to count.
+    local = settings.resolved_provider == "local"
     return Processor(
         database_url=settings.resolved_database_url,
         provider=provider,
         limits=image_limits(settings),
         retry=RetryPolicy(settings.max_attempts, settings.retry_initial, settings.retry_max),
         worker_id=wid,
-        limiter=provider_limiter(settings, provider),
-        quota=QuotaLedger(r, provider.name, provider.account, low_watermark=settings.quota_low_watermark),
+        limiter=None if local else provider_limiter(settings, provider),
+        quota=None if local else QuotaLedger(
+            r, provider.name, provider.account, low_watermark=settings.quota_low_watermark),
         quota_exhausted=QuotaExhausted,
         on_pause=on_pause,
         reader=functools.partial(read_uri, endpoint_url=settings.s3_endpoint_url),

@@ -54,14 +54,15 @@ def ihuyi_env(sandbox, **extra: str) -> dict[str, str]:  # type: ignore[no-untyp
 
 
 def test_run_on_the_embedded_default(tmp_path: Path) -> None:
-    """No configuration at all: embedded Redis, SQLite in ./.idocr, the sandbox provider."""
+    """No configuration at all: embedded Redis, SQLite in ./.idocr, the local OCR engine
+    reading the shipped examples' pixels (no truth file involved)."""
     res = idocr("run", str(EXAMPLES / "images"), env=idocr_env(), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / ".idocr" / "idocr.db").is_file()
     assert "succeeded" in res.stderr and "rejected" in res.stderr
     records = export(idocr_env(), tmp_path)
     assert_exact(records)
-    assert {r["provider"] for r in records.values() if r["status"] == "succeeded"} == {"sandbox"}
+    assert {r["provider"] for r in records.values() if r["status"] == "succeeded"} == {"local"}
     # nothing personal in what the run printed
     for entry in TRUTH:
         if entry["side"] == "front":

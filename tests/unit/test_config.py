@@ -9,7 +9,7 @@ from pipeline.config import ConfigError, Settings
 
 def test_embedded_defaults(clean_env: Path) -> None:
     s = Settings()
-    assert s.resolved_provider == "sandbox"
+    assert s.resolved_provider == "local"  # the local OCR engine: no account needed
     assert s.embedded_redis
     assert s.resolved_database_url == f"sqlite:///{(clean_env / '.idocr' / 'idocr.db').resolve()}"
 
@@ -18,6 +18,18 @@ def test_ihuyi_is_chosen_when_its_credentials_are_set(clean_env: Path, monkeypat
     monkeypatch.setenv("IDOCR_IHUYI_ACCOUNT", "acct")
     monkeypatch.setenv("IDOCR_IHUYI_API_KEY", "k")
     assert Settings().resolved_provider == "ihuyi"
+    monkeypatch.setenv("IDOCR_PROVIDER", "sandbox")
+    assert Settings().resolved_provider == "sandbox"
+
+
+def test_showapi_is_chosen_by_its_key_and_the_sandbox_only_explicitly(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IDOCR_SHOWAPI_APP_KEY", "k")
+    assert Settings().resolved_provider == "showapi"
+    monkeypatch.delenv("IDOCR_SHOWAPI_APP_KEY")
+    monkeypatch.setenv("IDOCR_SANDBOX_URL", "http://127.0.0.1:1")
+    assert Settings().resolved_provider == "local"
     monkeypatch.setenv("IDOCR_PROVIDER", "sandbox")
     assert Settings().resolved_provider == "sandbox"
 
