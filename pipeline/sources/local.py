@@ -40,10 +40,6 @@ from pipeline.sources.base import SourceError, SourceRef
 
 _CHUNK = 1 << 20
 
-SKIP_REASONS = (
-    "hidden", "symlink_outside_root", "symlink_loop", "broken_symlink", "special_file",
-)
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
