@@ -48,6 +48,8 @@ class TextBox:
     without it positions are spread over the box by character width. ``decode`` (optional)
     decodes the line again within an allowed character set: ``decode(allowed) -> (text, score,
     char_x)``; without it a field's character set is applied to the text as read.
+    ``likelihood`` (optional) scores a candidate reading of the whole line (log probability),
+    to choose among a field's legal values when what was read is none of them.
     """
 
     text: str
@@ -60,6 +62,7 @@ class TextBox:
     decode: Callable[[Allowed], tuple[str, float, tuple[float, ...]]] | None = field(
         default=None, compare=False, repr=False
     )
+    likelihood: Callable[[str], float] | None = field(default=None, compare=False, repr=False)
 
     @property
     def height(self) -> float:
@@ -256,7 +259,17 @@ def _find_label(row: _Row, label: str, row_index: int, *, anywhere: bool = True)
     for the 6-character label) as long as its first or last character is right. A 2-character
     label is only taken misread where it opens the row; ``anywhere=False`` looks only at the
     row's first two CJK characters (labels stand in the left column)."""
-    cjk = [i for i, c in enumerate(row.chars) if _is_cjk(c.ch)]
+    return (
+        _match_label(row, label, row_index, anywhere, strays="", fuzzy=False)
+        # a background stroke read between a label's spaced-out characters ("姓一名")
+        or _match_label(row, label, row_index, anywhere, strays="一丨丿丶亅", fuzzy=False)
+        or _match_label(row, label, row_index, anywhere, strays="", fuzzy=True)
+    )
+
+
+def _match_label(row: _Row, label: str, row_index: int, anywhere: bool, strays: str,
+                 fuzzy: bool) -> _Label | None:
+    cjk = [i for i, c in enumerate(row.chars) if _is_cjk(c.ch) and c.ch not in strays]
     seq = "".join(row.chars[i].ch for i in cjk)
     n = len(label)
     last = len(seq) - n + 1
@@ -264,6 +277,8 @@ def _find_label(row: _Row, label: str, row_index: int, *, anywhere: bool = True)
     for p in positions:
         if seq[p : p + n] == label:
             return _Label(row_index, cjk[p], cjk[p + n - 1] + 1, True)
+    if not fuzzy:
+        return None
     allowed = 2 if n >= 6 else 1
     if n == 2 and seq and not anywhere and (seq[0] == label[1] or (
             seq[0] == label[0] and seq[1:2] != label[1:])):
@@ -548,6 +563,18 @@ def _relabel(rows: list[_Row], label: _Label | None, text: str, anywhere: bool) 
     return _find_label(rows[label.row], text, label.row, anywhere=anywhere) or label
 
 
+def _best_reading(boxes: list[TextBox], row: _Row, holder: int | None, start: int | None,
+                  candidates: Sequence[str]) -> str | None:
+    """The candidate that, after the box's text before the value, best explains the line
+    (by the engine's likelihood); None where the engine cannot score."""
+    if holder is None or boxes[holder].likelihood is None:
+        return None
+    score = boxes[holder].likelihood
+    assert score is not None
+    before = "".join(c.ch for c in row.chars[: start or 0] if c.box == holder)
+    return max(candidates, key=lambda name: score(before + name))
+
+
 def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
     out = CardReading("front")
     texts = [r.text for r in rows]
@@ -639,7 +666,15 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
             e_chars = [c for c in row.chars[(gpos + 1 if gpos is not None else start):]
                        if c.ch not in "民族"]
         ev = _take(_contiguous([c for c in e_chars if _is_cjk(c.ch)], row.height))
-        put("ethnicity", clean_ethnicity(ev.text), ev)
+        eth = clean_ethnicity(ev.text)
+        if eth not in ETHNICITIES:
+            # none of the 56 read: the official name that best explains the line wins
+            holder = min(ev.boxes) if ev.boxes else (
+                row.chars[eth_l.end - 1].box if eth_l is not None else None)
+            scored = _best_reading(boxes, row, holder, eth_l.end if eth_l else None, ETHNICITIES)
+            if scored is not None:
+                eth, ev = scored, _Value(scored, {holder} if holder is not None else set())
+        put("ethnicity", eth, ev)
 
     if birth_row is not None:
         bv = _take(_after(rows[birth_row], birth_l, value_x, _LABEL_BIRTH))

@@ -68,6 +68,9 @@ MAX_LINES = 60
 VOTE_LINES = 8
 #: A detected box at least this elongated says which way the text runs.
 ELONGATED = 2.0
+#: The probability a character missing from the recogniser's dictionary is given when a
+#: candidate reading containing it is scored.
+UNKNOWN_CHAR_PROB = 1e-4
 #: Lines recognised per model run.
 REC_BATCH = 6
 
@@ -209,6 +212,7 @@ class CardOCR:
                 text, score, x0, float(v.min()), x1, float(v.max()),
                 char_x=tuple(x0 + p * (x1 - x0) for p in pos),
                 decode=_Redecoder(line, x0, x1),
+                likelihood=line.log_likelihood,
             ))
         return boxes, theta
 
@@ -219,6 +223,7 @@ class _Charset:
 
     def __init__(self, characters: list[str]) -> None:
         self.characters = characters
+        self.index = {c: i for i, c in enumerate(characters) if i > 0}
         self._columns: dict[Allowed, np.ndarray] = {}
 
     def columns(self, allowed: Allowed) -> np.ndarray:
@@ -261,6 +266,40 @@ class _Line:
                 pos.append(min(1.0, (t + 0.5) * self._frac))
             prev = i
         return "".join(chars), (float(np.mean(scores)) if scores else 0.0), pos
+
+    def log_likelihood(self, text: str) -> float:
+        """log P(text | line) under CTC (the forward algorithm, rescaled at every step): how
+        well a candidate reading — one of a field's legal values — explains the whole line.
+        A character the recogniser does not know gets a small floor probability."""
+        probs = self._probs
+        steps = probs.shape[0]
+        if not text:
+            return float(np.sum(np.log(np.maximum(probs[:, 0], 1e-30))))
+        cols = [self._charset.index.get(c) for c in text]
+        n = 2 * len(text) + 1
+        emit = np.empty((steps, n), np.float64)
+        emit[:, 0::2] = probs[:, [0]]
+        for k, col in enumerate(cols):
+            emit[:, 2 * k + 1] = probs[:, col] if col is not None else UNKNOWN_CHAR_PROB
+        # a state may skip the blank before it unless it repeats the previous character
+        skip = np.zeros(n, bool)
+        for k in range(1, len(text)):
+            skip[2 * k + 1] = text[k] != text[k - 1]
+        alpha = np.zeros(n, np.float64)
+        alpha[0], alpha[1] = emit[0, 0], emit[0, 1]
+        log_scale = 0.0
+        for t in range(1, steps):
+            nxt = alpha.copy()
+            nxt[1:] += alpha[:-1]
+            nxt[2:] += np.where(skip[2:], alpha[:-2], 0.0)
+            nxt *= emit[t]
+            total = nxt.sum()
+            if total <= 0:
+                return -math.inf
+            log_scale += math.log(total)
+            alpha = nxt / total
+        end = alpha[-1] + (alpha[-2] if n > 1 else 0.0)
+        return math.log(end) + log_scale if end > 0 else -math.inf
 
 
 class _Redecoder:

@@ -194,3 +194,29 @@ def test_text_that_is_no_id_card_is_no_side() -> None:
     r = extract([box("发票", 50, 50, 150), box("金额 128.00 元", 50, 110, 300), box("谢谢惠顾", 50, 170, 250)])
     assert r.side is None and r.fields == {} and r.why
     assert extract([]).side is None
+
+
+def test_a_stroke_read_inside_a_spaced_out_label_is_not_the_name() -> None:
+    boxes = front_merged()
+    boxes[0] = box("姓一名顾曦海", 50, 50, 280)
+    assert extract(boxes).fields["name"] == "顾曦海"
+
+
+def test_an_unknown_ethnicity_is_the_official_name_that_best_explains_the_line() -> None:
+    """Read as no official name (鑫 for 畲): the engine's likelihood of each of the 56 readings
+    of the whole line decides."""
+    asked: list[str] = []
+
+    def likelihood(text: str) -> float:
+        asked.append(text)
+        return 0.0 if text == "民族畲" else -10.0
+
+    boxes = front_merged()
+    row = boxes[2]
+    boxes[2] = TextBox("民族鑫", 0.8, row.x0, row.y0, row.x1, row.y1, likelihood=likelihood)
+    r = extract(boxes)
+    assert r.fields["ethnicity"] == "畲"
+    assert len(asked) == 56 and all(a.startswith("民族") for a in asked)
+    # without an engine to ask, what was read is kept (and is no official name)
+    boxes[2] = box("民族鑫", row.x0, row.y0, row.x1)
+    assert extract(boxes).fields["ethnicity"] == "鑫"
