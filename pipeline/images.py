@@ -288,8 +288,12 @@ def _bytes_per_pixel(mode: str) -> int:
     return 4
 
 
-def decode_cost(mode: str, size: tuple[int, int], jpeg_full_size: tuple[int, int] | None = None,
-                jpeg_layers: list[tuple[str, int, int, int]] | None = None) -> int:
+def decode_cost(
+    mode: str,
+    size: tuple[int, int],
+    jpeg_full_size: tuple[int, int] | None = None,
+    jpeg_layers: list[tuple[str, int, int, int]] | None = None,
+) -> int:
     """Bytes :func:`prepare` will hold for an image of ``mode`` decoded at ``size``.
 
     The decoded raster, the converted copies for a mode that is not re-encoded as it is, and
@@ -405,7 +409,13 @@ def _fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 # What Pillow's parsers raise for a malformed header (Image.open turns the first four into
 # UnidentifiedImageError, an OSError).
 _DECODE_ERRORS: Final = (
-    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    struct.error,
 )
 
 
