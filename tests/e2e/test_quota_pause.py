@@ -44,6 +44,8 @@ def export(env: dict[str, str], cwd: Path, batch: str) -> dict[str, dict[str, An
 def status(*args: str, env: dict[str, str], cwd: Path) -> str:
     """`idocr status` as one line of words (rich wraps at 80 columns when stdout is no terminal)."""
     res = idocr("status", *args, env=env, cwd=cwd)
+    if res.returncode == 1 and "no batch" in res.stderr:
+        return ""  # polled before the run's scan created the batch
     assert res.returncode == 0, res.stderr
     return " ".join(res.stdout.split())
 
