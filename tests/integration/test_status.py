@@ -126,3 +126,27 @@ def test_excel_csv_keeps_the_id_number_as_text(sqlite_url: str) -> None:
         write_csv(records(s, "b"), plain)
     (row,) = csv.DictReader(io.StringIO(plain.getvalue()))
     assert not plain.getvalue().startswith("\ufeff") and row["id_number"] == ID_NUMBER
+
+
+@pytest.mark.redis
+def test_status_reads_the_live_quota_ledger(sqlite_url: str, redis_url: str) -> None:
+    import redis
+
+    from pipeline.quota import QuotaLedger
+
+    _batch(sqlite_url, "b", [_row("a.jpg")], datetime.now(UTC))
+    client = redis.Redis.from_url(redis_url)
+    ledger = QuotaLedger(client, "sandbox", "sandbox")
+    ledger.record_reading(50)
+    held = ledger.reserve()
+    settings = Settings(database_url=sqlite_url, redis_url=redis_url, provider="sandbox")
+    with unit_of_work(sqlite_url, read_only=True) as s:
+        st = collect(settings, s, "b")
+    held.release()
+    assert st.quota is not None
+    assert (st.quota["remaining"], st.quota["reserved"], st.quota["available"]) == (50, 1, 49)
+    assert st.quota_left == 49 and ISO_UTC.fullmatch(st.quota["reading_at"])
+    # an unreachable Redis leaves the quota out instead of failing the status
+    down = Settings(database_url=sqlite_url, redis_url="redis://127.0.0.1:1/0", provider="sandbox")
+    with unit_of_work(sqlite_url, read_only=True) as s:
+        assert collect(down, s, "b").quota is None
