@@ -5,7 +5,11 @@ FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --create-home --uid 10001 idocr
+# libGL and GLib: OpenCV's shared libraries (the local OCR engine) need them; slim lacks both.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 idocr
 WORKDIR /app
 
 # 1. Dependencies only, pinned by deploy/constraints.txt; rebuilt when either file changes.
