@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from pipeline.config import Settings
 from pipeline.export import utc_iso
 from pipeline.storage.models import FINAL_STATUSES, Attempt, Batch, Item
+from pipeline.validation import redact_text
 
 __all__ = ["BatchStatus", "NoSuchBatch", "collect", "latest_batch_id", "recent_batch_ids"]
 
@@ -158,7 +159,11 @@ def collect(
     st = BatchStatus(provider, account, settings.rate_limit, now)
     pause = repo.open_pause(session, provider, account)
     if pause is not None:
-        st.pause = {"kind": pause.kind, "reason": pause.reason, "since": utc_iso(pause.paused_at)}
+        st.pause = {
+            "kind": pause.kind,
+            "reason": redact_text(pause.reason),
+            "since": utc_iso(pause.paused_at),
+        }
     reading = repo.last_balance(session, provider, account)
     if reading is not None:
         st.balance = {"remaining": reading.remaining, "taken_at": utc_iso(reading.taken_at)}
