@@ -72,6 +72,7 @@ __all__ = [
     "record_retry",
     "record_unknown",
     "serve",
+    "serve_worker_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -320,3 +321,20 @@ def serve(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry | None =
     ``shutdown()`` stops it). A worker calls ``serve(port, registry=build_registry())``."""
     server, _thread = start_http_server(port, addr, registry=registry or build_registry())
     return server
+
+
+_worker_server: Any = None
+
+
+def serve_worker_metrics(settings: Settings) -> Any:
+    """For a worker's main process (Celery's ``worker_ready`` signal): serve the counters of
+    every process of this host on ``settings.metrics_port`` (``IDOCR_METRICS_PORT``), without
+    the state gauges (``idocr metrics`` serves those once). None when no port is set; a
+    second call returns the server already running."""
+    global _worker_server
+    if settings.metrics_port is None:
+        return None
+    if _worker_server is None:
+        _worker_server = serve(settings.metrics_port)
+        log.info("metrics on port %d", _worker_server.server_port)
+    return _worker_server

@@ -198,3 +198,28 @@ def test_state_gauges_come_from_sql_and_redis(
     broken = Settings(database_url=f"sqlite:///{clean_env}/missing/dir/x.db", redis_url=redis_url)
     got = _samples(generate_latest(build_registry(broken, state=True)).decode())
     assert got[("idocr_state_up", (("source", "sql"),))] == 0
+
+
+def test_a_worker_serves_its_counters_on_the_configured_port(clean_env: Path) -> None:
+    import socket
+    import urllib.request
+
+    from pipeline import metrics
+    from pipeline.config import Settings
+
+    assert metrics.serve_worker_metrics(Settings()) is None  # no port: nothing served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = metrics.serve_worker_metrics(Settings(metrics_port=port))
+    try:
+        assert metrics.serve_worker_metrics(Settings(metrics_port=port)) is server
+        metrics.record_billed("showapi")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as res:
+            body = res.read().decode()
+        assert 'idocr_provider_billed_total{provider="showapi"}' in body
+        # the state gauges are `idocr metrics`'s to serve
+        assert "idocr_items{" not in body and "idocr_paused" not in body
+    finally:
+        server.shutdown()
+        metrics._worker_server = None
