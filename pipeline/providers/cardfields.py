@@ -81,6 +81,9 @@ class CardReading:
     fields: dict[str, str] = field(default_factory=dict)
     confidence: dict[str, float] = field(default_factory=dict)
     why: str = ""
+    #: fields whose label was found but no value beside it (the detector can miss a lone
+    #: character): where to look again, in the upright frame (x0, y0, x1, y1), and within what
+    retry: dict[str, tuple[tuple[float, float, float, float], Allowed]] = field(default_factory=dict)
 
 
 #: the 56 ethnic groups as the card prints them (without 族), longest first so that 土家 is
@@ -449,12 +452,13 @@ def clean_ethnicity(text: str) -> str | None:
     for name in ETHNICITIES:
         if t.startswith(name):
             return name
-    # A name whose missing characters the recogniser cannot read at all (仫 is not in
-    # PP-OCRv4's dictionary): "佬" alone is 仫佬, since 仡 would have been read.
-    for name in ETHNICITIES:
-        rest = name.replace(t, "", 1) if t in name else None
-        if rest and all(c in _UNREADABLE for c in rest):
-            return name
+    # part of exactly one name ("柯尔克" of 柯尔克孜); part of several ("佬": 仫佬 or 仡佬)
+    # is left to the engine's likelihood
+    holders = [name for name in ETHNICITIES if len(t) >= 1 and t in name]
+    if len(holders) == 1 and len(t) >= 2:
+        return holders[0]
+    if len(holders) > 1:
+        return t
     best, best_score = None, 0.0
     for name in ETHNICITIES:
         common = sum(1 for a, b in zip(t, name, strict=False) if a == b)
@@ -466,9 +470,6 @@ def clean_ethnicity(text: str) -> str | None:
         return best
     return t
 
-
-#: characters of official names that the recogniser's dictionary lacks
-_UNREADABLE = frozenset("仫")
 
 _AUTHORITY_ENDINGS = ("公安局", "分局", "公安处", "公安分局")
 
@@ -537,6 +538,7 @@ def _authority_char(ch: str) -> bool:
 
 #: what each row can print, labels included (a line is decoded again within it)
 _GENDER_SET = "".join(sorted(set(_LABEL_GENDER + _LABEL_ETHNICITY + "男女" + "".join(ETHNICITIES))))
+_ETHNICITY_SET = "".join(sorted(set("".join(ETHNICITIES) + "族")))
 _BIRTH_SET = _LABEL_BIRTH + "年月日0123456789"
 _ID_SET = _LABEL_ID + "0123456789X"
 _PERIOD_SET = _LABEL_PERIOD + "0123456789.-" + LONG_TERM
@@ -561,6 +563,20 @@ def _relabel(rows: list[_Row], label: _Label | None, text: str, anywhere: bool) 
     if label is None:
         return None
     return _find_label(rows[label.row], text, label.row, anywhere=anywhere) or label
+
+
+def _look_again(out: CardReading, row: _Row, label: _Label | None, next_label: _Label | None,
+                key: str, allowed: Allowed) -> None:
+    """A field with its label read but no value: the stretch right of the label, up to the next
+    label (or a few characters on), to be read again within the field's characters."""
+    if key in out.fields or label is None:
+        return
+    h = row.height
+    x0 = row.chars[label.end - 1].x + 0.6 * h
+    x1 = row.chars[next_label.start].x - 0.6 * h if next_label is not None else x0 + 5 * h
+    if x1 - x0 < 0.8 * h:
+        return
+    out.retry[key] = ((x0, row.y0 - 0.25 * h, x1, row.y1 + 0.25 * h), allowed)
 
 
 def _best_reading(boxes: list[TextBox], row: _Row, holder: int | None, start: int | None,
@@ -675,6 +691,10 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
             if scored is not None:
                 eth, ev = scored, _Value(scored, {holder} if holder is not None else set())
         put("ethnicity", eth, ev)
+
+    if gender_row is not None:
+        _look_again(out, rows[gender_row], gender_l, eth_l, "gender", "男女")
+        _look_again(out, rows[gender_row], eth_l, None, "ethnicity", _ETHNICITY_SET)
 
     if birth_row is not None:
         bv = _take(_after(rows[birth_row], birth_l, value_x, _LABEL_BIRTH))
