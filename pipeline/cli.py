@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -256,9 +257,10 @@ def _requeue_batch(settings: Settings, batch_id: str, report, retry_failed: bool
 
 def _scan_report(rep) -> str:  # type: ignore[no-untyped-def]
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(rep.skipped.items()))
+    not_taken = ", ".join(f"{n} {why}" for why, n in sorted(rep.skipped_files.items()))
     return (f"{rep.seen} files: {rep.queued} queued, {rep.rejected} rejected by the scan, "
             f"{rep.duplicates} not sent again ({skipped or 'none'}), "
-            f"{rep.already_present} already in the batch")
+            f"{rep.already_present} already in the batch; not taken: {not_taken or 'none'}")
 
 
 @cli.command()
@@ -316,7 +318,7 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
         _write_output(settings, batch_id, output)
     err.print(f"results: idocr export {batch_id} --format jsonl")
     if code:
-        err.print(f"to go on later: idocr run {source} --batch {batch_id}")
+        err.print(f"to go on later: idocr run {shlex.quote(source)} --batch {batch_id}")
     sys.exit(code)
 
 

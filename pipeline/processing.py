@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from pipeline import metrics
 from pipeline.heartbeat import Heartbeat
 from pipeline.images import ImageLimits, ImageRejected, prepare, sniff
 from pipeline.journal import AnswerJournal, Entry, SentMarks
@@ -256,8 +257,10 @@ class Processor:
                         if attempt_id not in sent:
                             repo.delete_attempt(s, attempt_id)  # it never left the worker
                     repo.close_attempts_unknown(s, sorted(sent))
+                    metrics.record_unknown(self.provider.name, len(sent))
                     if sent and not self.resend_unknown:
                         repo.set_status(s, item_id, ItemStatus.FAILED, reason=repo.UNKNOWN, msg=UNKNOWN_MSG)
+                        metrics.record_item_final(ItemStatus.FAILED, repo.UNKNOWN)
                         return ItemStatus.FAILED
                 if repo.park_if_paused(s, item_id, self.provider.name, self.provider.account):
                     return ItemStatus.PAUSED
@@ -356,6 +359,7 @@ class Processor:
             stop=stop_after_attempt(self.retry.max_attempts),
             wait=wait_exponential_jitter(multiplier=self.retry.initial, max=self.retry.max_wait, jitter=self.retry.initial),
             retry=retry_if_exception_type(_Again),
+            before_sleep=self._count_retry,
             sleep=self.sleep,
             reraise=True,
         )
@@ -392,6 +396,11 @@ class Processor:
             return self._park(item_id, sha256=digest, code=result.code, msg=result.msg)
         raise AssertionError(f"unhandled outcome {result.outcome}")  # pragma: no cover
 
+    def _count_retry(self, state: Any) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, _Again):
+            metrics.record_retry(self.provider.name, exc.result.outcome.value)
+
     def _call_once(self, item_id: int, number: int, call: Any) -> tuple[ProviderResult, int, int]:
         """One call: (answer, attempt id, ms). An answer that settles the item leaves its attempt
         open: it is closed in the same transaction as the item's final status."""
@@ -412,8 +421,9 @@ class Processor:
             # came while we waited is seen just before the slot.
             if self.limiter is not None:
                 limiter = self.limiter
-                self._outlast(lambda: limiter.acquire(before_slot=lambda: self._check_gate(
+                waited = self._outlast(lambda: limiter.acquire(before_slot=lambda: self._check_gate(
                     unsent_attempt=attempt_id, reserved=reservation is not None)), "rate limiter")
+                metrics.record_limiter_wait(waited, self.provider.name)
             if self.sent_marks is not None:
                 marks = self.sent_marks
                 self._outlast(lambda: marks.mark(attempt_id), "sent mark")
@@ -426,11 +436,14 @@ class Processor:
         try:
             result = self.provider.send(call)
         finally:
+            # no result means the client itself blew up mid-call: count it as billed
+            billed = result is None or result.outcome in BILLED
+            if billed:
+                metrics.record_billed(self.provider.name)
             if reservation is not None:
-                # no result means the client itself blew up mid-call: count it as billed
-                billed = result is None or result.outcome in BILLED
                 self._settle_reservation(lambda: reservation.commit(billed))
         elapsed = int((time.monotonic() - started) * 1000)
+        metrics.record_call(self.provider.name, result.outcome.value, result.code, elapsed / 1000)
         log.debug(
             "item %s attempt %d: %s code=%s in %d ms",
             item_id, number, result.outcome.value, result.code, elapsed,
@@ -527,6 +540,8 @@ class Processor:
             log.warning("item %s: taken over before its answer was written; the answer is on "
                         "its attempt", entry.item_id)
             return "taken_over"
+        metrics.record_item_final(status, None if status == ItemStatus.SUCCEEDED else
+                                  ("image" if entry.result.outcome is Outcome.IMAGE else "refused"))
         if status == ItemStatus.SUCCEEDED:
             if entry.result.side:
                 self._pair(entry.item_id)
@@ -559,6 +574,7 @@ class Processor:
         if not self._outlast(write, f"item {item_id}: status"):
             log.warning("item %s: taken over before it was settled", item_id)
             return "taken_over"
+        metrics.record_item_final(status, values.get("reason"))  # type: ignore[arg-type]
         if status != ItemStatus.SUCCEEDED:
             log.info("item %s: %s (%s)", item_id, status, values.get("reason") or values.get("code"))
         return status
@@ -590,6 +606,7 @@ class Processor:
                 repo.add_pause(s, self.provider.name, self.provider.account, kind, reason)
 
         self._outlast(write, "pause")
+        metrics.record_pause(kind)
         log.warning("submissions paused (%s): %s", kind, reason)
         if self.on_pause is not None:
             self.on_pause(kind, reason)

@@ -8,6 +8,7 @@ compare-and-set claim makes sure a redelivery never pays twice.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from celery import Celery, signals
@@ -16,6 +17,7 @@ from kombu import Queue
 from pipeline.config import get_settings
 from pipeline.redisconn import broker_url
 
+log = logging.getLogger(__name__)
 settings = get_settings()
 CONTROL_QUEUE = f"{settings.queue}.control"
 
@@ -85,6 +87,28 @@ def _mask_pii(logger: logging.Logger, **_: object) -> None:
 
     for handler in logger.handlers:
         handler.addFilter(PIIFilter())
+
+
+if (os.environ.get("IDOCR_LOG_FORMAT") or "text").lower() == "json":
+
+    @signals.setup_logging.connect
+    def _json_logs(loglevel: int | str | None = None, **_: object) -> None:
+        # one JSON object per line, personal data masked in every field (pipeline.logs)
+        from pipeline.logs import configure_logging
+
+        configure_logging(loglevel or logging.INFO)
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: object) -> None:
+    # this host's counters on IDOCR_METRICS_PORT (every pool process writes them to
+    # PROMETHEUS_MULTIPROC_DIR)
+    from pipeline.metrics import serve_worker_metrics
+
+    try:
+        serve_worker_metrics(settings)
+    except OSError as exc:
+        log.warning("metrics not served (%s)", exc)
 
 
 @signals.worker_process_init.connect

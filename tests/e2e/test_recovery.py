@@ -76,6 +76,15 @@ class Cluster:
         return self._spawn("beat", [sys.executable, "-m", "celery", "-A", "workers.app", "beat",
                                     "-s", str(self.tmp / "beat-schedule"), "--loglevel", "INFO"])
 
+    def two_workers_until_a_quarter_billed(self, folder: Path) -> str:
+        """Two plain workers and beat on the batch of ``folder``; back once a quarter is billed."""
+        self.worker("w1")
+        self.worker("w2")
+        self.beat()
+        batch = self.scan(folder)
+        self.wait_billed(IMAGES // 4)
+        return batch
+
     def scan(self, folder: Path) -> str:
         res = subprocess.run([*IDOCR, "scan", str(folder)], env=self.env, capture_output=True,
                              text=True, timeout=120, cwd=self.tmp, check=False)
@@ -184,12 +193,7 @@ def recovery_bound() -> float:
 
 
 def test_a_redis_restarted_empty_mid_run_loses_nothing(cluster: Cluster, cards) -> None:  # type: ignore[no-untyped-def]
-    folder, _ = cards
-    cluster.worker("w1")
-    cluster.worker("w2")
-    cluster.beat()
-    batch = cluster.scan(folder)
-    cluster.wait_billed(IMAGES // 4)
+    batch = cluster.two_workers_until_a_quarter_billed(cards[0])
     cluster.redis.kill()  # every queued message, the rate limiter, the quota ledger: gone
     time.sleep(3)
     cluster.redis.start()  # back, empty
@@ -200,12 +204,7 @@ def test_a_redis_restarted_empty_mid_run_loses_nothing(cluster: Cluster, cards) 
 
 
 def test_postgresql_cut_mid_run_loses_nothing(cluster: Cluster, cards) -> None:  # type: ignore[no-untyped-def]
-    folder, _ = cards
-    cluster.worker("w1")
-    cluster.worker("w2")
-    cluster.beat()
-    batch = cluster.scan(folder)
-    cluster.wait_billed(IMAGES // 4)
+    batch = cluster.two_workers_until_a_quarter_billed(cards[0])
     cluster.proxy.cut()  # every connection reset, new ones refused: answers arrive meanwhile
     time.sleep(8)
     cluster.proxy.heal()
