@@ -251,3 +251,22 @@ def test_the_answer_write_waits_out_the_database_and_keeps_the_answer_meanwhile(
     assert sandbox.stats.billed == 1
     with unit_of_work(db_url) as s:
         assert [a.outcome for a in s.scalars(select(Attempt))] == ["ok"]
+
+
+def test_the_worker_counts_its_calls_in_the_metrics(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    sandbox = sandbox_factory()
+    item_id = one_item(db_url, tmp_path)
+    calls = sample("idocr_provider_calls_total", provider="sandbox", outcome="ok", code="2")
+    billed = sample("idocr_provider_billed_total", provider="sandbox")
+    done = sample("idocr_items_finished_total", status="succeeded", reason="")
+    waits = sample("idocr_ratelimit_wait_seconds_count", provider="sandbox")
+    assert make_processor(db_url, sandbox, redis_url).process(item_id) == "succeeded"
+    assert sample("idocr_provider_calls_total", provider="sandbox", outcome="ok", code="2") == calls + 1
+    assert sample("idocr_provider_billed_total", provider="sandbox") == billed + 1
+    assert sample("idocr_items_finished_total", status="succeeded", reason="") == done + 1
+    assert sample("idocr_ratelimit_wait_seconds_count", provider="sandbox") == waits + 1
