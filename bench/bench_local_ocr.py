@@ -9,7 +9,7 @@ ID-number exact rate on fronts, how many images with a wrong ID number were flag
 check, and CPU seconds per image per core (the OCR call's own thread time: one image runs on
 one core), with a breakdown by capture style and rotation.
 
-    python bench/bench_local_ocr.py --images 300 --processes 2 [--seed 1000] [--show 10]
+    python bench/bench_local_ocr.py --images 300 --processes 2 [--seed 1000] [--show 10] [--hard]
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ def _init() -> None:
     _provider = LocalOCRClient(parallel=1)
 
 
-def _one(seed: int) -> dict[str, Any]:
+def _one(job: tuple[int, bool]) -> dict[str, Any]:
+    seed, hard = job
     from pipeline.images import prepare
     from pipeline.providers.base import ImagePayload
     from pipeline.validation import check_fields
 
-    data, truth = make_sample(seed)
+    data, truth = make_sample(seed, hard=hard)
     payload = ImagePayload(data=prepare(data).data)
     assert _provider is not None
     t0 = time.thread_time()
@@ -62,12 +63,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--show", type=int, default=0, help="print this many wrong fields (truth vs read)")
+    ap.add_argument("--hard", action="store_true",
+                    help="captures beyond usable (tiny, blurred, JPEG 15-40): how errors are flagged")
     args = ap.parse_args()
 
     seeds = range(args.seed, args.seed + args.images)
     wall = time.monotonic()
     with mp.get_context("spawn").Pool(args.processes, initializer=_init) as pool:
-        results = pool.map(_one, seeds, chunksize=4)
+        results = pool.map(_one, [(s, args.hard) for s in seeds], chunksize=4)
     wall = time.monotonic() - wall
 
     per_field: dict[str, list[bool]] = defaultdict(list)
@@ -104,7 +107,8 @@ def main() -> None:
 
     cpu = sum(r["cpu"] for r in results)
     print(f"images: {len(results)} (fronts {len(id_exact)}, backs {len(results) - len(id_exact)}), "
-          f"{args.processes} processes, seeds {args.seed}..{args.seed + args.images - 1}")
+          f"{args.processes} processes, seeds {args.seed}..{args.seed + args.images - 1}"
+          + (" (hard captures)" if args.hard else ""))
     print("outcomes:", dict(Counter(r["outcome"] for r in results)))
     for k in (*FRONT, *BACK):
         print(f"  {k:16s} exact {pct(per_field[k])}")

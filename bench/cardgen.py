@@ -478,10 +478,11 @@ def make_background(seed: int) -> bytes:
 
 
 def make_sample(seed: int, side: str | None = None, style: str | None = None,
-                rotation: int | None = None) -> tuple[bytes, dict[str, Any]]:
+                rotation: int | None = None, *, hard: bool = False) -> tuple[bytes, dict[str, Any]]:
     """One image (JPEG bytes) and its truth: ``{"side", "fields", "style", "rotation", ...}``.
     ``side``, ``style`` ("scan" | "photo") and ``rotation`` (0/90/180/270) are drawn from the
-    seed unless given."""
+    seed unless given. ``hard``: beyond what a usable capture looks like — the card 380–520 px
+    wide, blurred, JPEG quality 15–40 — to see how errors are caught, not to score accuracy."""
     rng = random.Random(seed)
     side = side or rng.choice(("front", "back"))
     style = style or ("photo" if rng.random() < 0.6 else "scan")
@@ -492,6 +493,11 @@ def make_sample(seed: int, side: str | None = None, style: str | None = None,
     card = render_card(fields, side, rng)
     im, info = (_photo if style == "photo" else _scan)(card, rng)
     blur = rng.choice((0.0, 0.0, 0.5, 0.8, 1.2))
+    if hard:
+        f = rng.uniform(380, 520) / info["card_width"]
+        im = im.resize((round(im.width * f), round(im.height * f)), Image.LANCZOS)
+        info["card_width"] = round(info["card_width"] * f)
+        blur = rng.choice((0.6, 0.9, 1.2))
     if blur:
         im = im.filter(ImageFilter.GaussianBlur(blur))
     if rotation:
@@ -500,9 +506,9 @@ def make_sample(seed: int, side: str | None = None, style: str | None = None,
     if longest > 2000:
         s = 2000 / longest
         im = im.resize((round(im.width * s), round(im.height * s)), Image.LANCZOS)
-    quality = rng.randint(35, 92)
+    quality = rng.randint(15, 40) if hard else rng.randint(35, 92)
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality)
     truth = {"side": side, "fields": fields, "style": style, "rotation": rotation,
-             "blur": blur, "jpeg_quality": quality, "seed": seed, **info}
+             "blur": blur, "jpeg_quality": quality, "seed": seed, "hard": hard, **info}
     return buf.getvalue(), truth

@@ -201,8 +201,15 @@ def _chars_of(box: TextBox, index: int) -> list[_Char]:
 
 
 def _row_chars(boxes: Sequence[TextBox], band: Sequence[int]) -> list[_Char]:
-    """The row's characters left to right. Where two boxes overlap (the detector cut one line
-    twice), the earlier box's characters inside the later box are dropped: read once, not twice."""
+    """The row's characters left to right. A box lying within another (a second look at a
+    stretch already partly read) is dropped; where two boxes overlap (the detector cut one line
+    twice), the earlier box's characters inside the later box are: read once, not twice."""
+    def within(inner: TextBox, outer: TextBox) -> bool:
+        tol = 0.3 * outer.height
+        return outer.x0 - tol <= inner.x0 and inner.x1 <= outer.x1 + tol and (
+            (inner.x1 - inner.x0, len(inner.text)) < (outer.x1 - outer.x0, len(outer.text)))
+
+    band = [j for j in band if not any(k != j and within(boxes[j], boxes[k]) for k in band)]
     chars: list[_Char] = []
     for k, j in enumerate(band):
         own = _chars_of(boxes[j], j)
@@ -566,17 +573,31 @@ def _relabel(rows: list[_Row], label: _Label | None, text: str, anywhere: bool) 
 
 
 def _look_again(out: CardReading, row: _Row, label: _Label | None, next_label: _Label | None,
-                key: str, allowed: Allowed) -> None:
-    """A field with its label read but no value: the stretch right of the label, up to the next
-    label (or a few characters on), to be read again within the field's characters."""
+                key: str, allowed: str) -> None:
+    """A field with its label read but no value: the label and the stretch right of it, up to
+    the next label (or a few characters on), to be read again within the label's and the
+    field's characters. The label is part of it so that a value whose first character the
+    label's box swallowed is read whole."""
     if key in out.fields or label is None:
         return
     h = row.height
-    x0 = row.chars[label.end - 1].x + 0.6 * h
-    x1 = row.chars[next_label.start].x - 0.6 * h if next_label is not None else x0 + 5 * h
-    if x1 - x0 < 0.8 * h:
+    x0 = row.chars[label.start].x - 0.6 * h
+    x1 = row.chars[next_label.start].x - 0.6 * h if next_label is not None else \
+        row.chars[label.end - 1].x + 5.5 * h
+    if x1 - row.chars[label.end - 1].x < 1.2 * h:
         return
-    out.retry[key] = ((x0, row.y0 - 0.25 * h, x1, row.y1 + 0.25 * h), allowed)
+    text = "".join(c.ch for c in row.chars[label.start : label.end])
+    out.retry[key] = ((x0, row.y0 - 0.25 * h, x1, row.y1 + 0.25 * h), text + allowed)
+
+
+def _look_further(out: CardReading, row: _Row, key: str, allowed: Allowed) -> None:
+    """A value cut short at its end (the detector's box stopped early): the stretch right of
+    its last character, to be read again within the field's characters."""
+    if not row.chars:
+        return
+    h = row.height
+    x0 = row.chars[-1].x + 0.4 * h
+    out.retry[key] = ((x0, row.y0 - 0.25 * h, x0 + 6 * h, row.y1 + 0.25 * h), allowed)
 
 
 def _best_reading(boxes: list[TextBox], row: _Row, holder: int | None, start: int | None,
@@ -683,10 +704,9 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
                        if c.ch not in "民族"]
         ev = _take(_contiguous([c for c in e_chars if _is_cjk(c.ch)], row.height))
         eth = clean_ethnicity(ev.text)
-        if eth not in ETHNICITIES:
+        if eth is not None and eth not in ETHNICITIES:
             # none of the 56 read: the official name that best explains the line wins
-            holder = min(ev.boxes) if ev.boxes else (
-                row.chars[eth_l.end - 1].box if eth_l is not None else None)
+            holder = min(ev.boxes)
             scored = _best_reading(boxes, row, holder, eth_l.end if eth_l else None, ETHNICITIES)
             if scored is not None:
                 eth, ev = scored, _Value(scored, {holder} if holder is not None else set())
@@ -716,6 +736,8 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
         chars = row.chars[id_label.end :] if id_label else row.chars
         iv = _take([c for c in chars if c.ch.isalnum() or c.ch in "|!×"])
         put("id_number", clean_id_number(iv.text), iv)
+        if len(out.fields.get("id_number", "")) < 18:
+            _look_further(out, row, "id_number", "0123456789X")
     return out
 
 
@@ -774,6 +796,8 @@ def _back(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
         if valid_to:
             out.fields["valid_to"] = valid_to
             out.confidence["valid_to"] = conf
+        elif valid_from:
+            _look_further(out, row, "valid_to", _PERIOD_SET)
     return out
 
 

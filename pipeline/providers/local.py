@@ -98,7 +98,6 @@ class CardOCR:
             intra_op_num_threads=1, inter_op_num_threads=1,
             det_thresh=DET_THRESH, det_box_thresh=DET_BOX_THRESH,
         )
-        _own_sessions(self._engine)
         det = self._engine.text_det
         self._det = det
         # "max" with a limit above DET_LONG_SIDE: the image is only padded to a multiple of 32
@@ -245,30 +244,6 @@ class CardOCR:
                 likelihood=line.log_likelihood,
             ))
         return boxes, theta
-
-
-def _own_sessions(engine: Any) -> None:
-    """Give each model an onnxruntime session with our options: one intra-op and one inter-op
-    thread, and no memory pattern — it plans (and keeps) memory per input shape, and every
-    photo and text line has a shape of its own, so a long-running worker would grow without
-    bound (over 1 GB after a few dozen images)."""
-    from onnxruntime import GraphOptimizationLevel, InferenceSession, SessionOptions
-    from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH
-    from rapidocr_onnxruntime.utils import read_yaml, update_model_path
-
-    config = update_model_path(read_yaml(DEFAULT_CFG_PATH))
-    for section, holder in (("Det", engine.text_det.infer), ("Cls", engine.text_cls.infer),
-                            ("Rec", engine.text_rec.session)):
-        opts = SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.enable_mem_pattern = False
-        opts.enable_cpu_mem_arena = False
-        opts.graph_optimization_level = GraphOptimizationLevel.ORT_ENABLE_ALL
-        holder.session = InferenceSession(
-            config[section]["model_path"], sess_options=opts, providers=["CPUExecutionProvider"]
-        )
 
 
 class _Charset:

@@ -229,8 +229,19 @@ def test_a_label_without_its_value_asks_for_a_second_look_between_the_labels() -
     r = extract(boxes)
     assert "gender" not in r.fields
     (x0, y0, x1, y1), allowed = r.retry["gender"]
-    assert 120 <= x0 < x1 <= 255 and y0 < 110 and y1 > 140 and allowed == "男女"
+    assert x0 < 60 and 170 < x1 <= 255 and y0 < 110 and y1 > 140 and allowed == "性别男女"
     assert "ethnicity" not in r.retry  # read: nothing to look for
     # what the second look reads joins the row
-    r = extract([*boxes, box("男", x0, y0, x1)], side="front")
+    r = extract([*boxes, box("性别男", x0, y0, x1)], side="front")
     assert r.fields["gender"] == "男" and not r.retry
+
+
+def test_a_value_cut_short_asks_for_a_look_further_right() -> None:
+    boxes = [box("签发机关深圳市公安局南山分局", 150, 370, 640),
+             box("有效期限2015.08.12-2035.08", 150, 450, 560)]
+    r = extract(boxes)
+    assert r.fields["valid_from"] == "2015-08-12" and "valid_to" not in r.fields
+    (x0, _, x1, _), _allowed = r.retry["valid_to"]
+    assert 540 < x0 < 570 < x1
+    r = extract([*boxes, box(".12", x0, 450, x0 + 40)], side="back")
+    assert r.fields["valid_to"] == "2035-08-12"
