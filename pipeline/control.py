@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pipeline.config import Settings
+from pipeline.gate import PauseSignal
 from pipeline.providers.base import BalanceError, Outcome, Provider
 from pipeline.quota import QuotaLedger
 from pipeline.ratelimit import RateLimiter
@@ -44,12 +45,21 @@ def current_pause(settings: Settings, provider: str, account: str) -> Pause | No
         return repo.open_pause(s, provider, account)
 
 
+def _signal(settings: Settings, provider: str, account: str) -> None:
+    """Tell every worker the pause state changed (they read it from SQL again)."""
+    try:
+        PauseSignal(redis_client(settings), provider, account).bump()
+    except Exception as exc:  # they read SQL within a second anyway
+        log.warning("pause signal not sent (%s)", type(exc).__name__)
+
+
 def pause(
     settings: Settings, provider: str, account: str, kind: str, reason: str,
     broadcast: Broadcast | None = _default_broadcast,
 ) -> Pause:
     with unit_of_work(settings.resolved_database_url) as s:
         p = repo.add_pause(s, provider, account, kind, reason)
+    _signal(settings, provider, account)
     log.warning("submissions to %s paused (%s): %s", provider, kind, reason)
     if broadcast is not None:
         broadcast(False)
@@ -64,6 +74,7 @@ def resume(
     url = settings.resolved_database_url
     with unit_of_work(url) as s:
         repo.close_pauses(s, provider, account, by)
+    _signal(settings, provider, account)
     if broadcast is not None:
         broadcast(True)
     total = 0

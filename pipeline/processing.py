@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from pipeline import metrics
+from pipeline.gate import PauseSignal
 from pipeline.heartbeat import Heartbeat
 from pipeline.images import ImageLimits, ImageRejected, prepare, sniff
 from pipeline.journal import AnswerJournal, Entry, SentMarks
@@ -46,7 +48,7 @@ from pipeline.sources import read_uri
 from pipeline.sources.base import SourceError
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
-from pipeline.storage.models import ItemStatus, Result, utcnow
+from pipeline.storage.models import ItemStatus, utcnow
 from pipeline.validation import check_fields
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,20 @@ class RetryPolicy:
     max_attempts: int = 8
     initial: float = 1.0
     max_wait: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A claimed item, and the attempt recorded with the claim for its first call."""
+
+    item_id: int
+    batch_id: str
+    uri: str
+    sha256: str | None
+    size: int | None
+    via: str
+    pair_key: str | None
+    attempt_id: int
 
 
 class _Again(Exception):
@@ -105,10 +121,10 @@ def pause_reason(result: ProviderResult, provider: str) -> str:
     )
 
 
-def result_row(item_id: int, provider: str, result: ProviderResult, today: datetime) -> Result:
+def result_row(item_id: int, provider: str, result: ProviderResult, today: datetime) -> dict[str, Any]:
     side = result.side or ""
     f = result.fields
-    return Result(
+    return dict(
         item_id=item_id,
         provider=provider,
         side=result.side,
@@ -180,6 +196,8 @@ class Processor:
         heartbeat: Heartbeat | None = None,
         infra_patience: float = 3600.0,
         resend_unknown: bool = False,
+        pause_signal: PauseSignal | None = None,
+        gate_ttl: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         today: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -203,8 +221,14 @@ class Processor:
         self.heartbeat = heartbeat
         self.infra_patience = infra_patience
         self.resend_unknown = resend_unknown
+        self.pause_signal = pause_signal
+        self.gate_ttl = gate_ttl
         self.sleep = sleep
         self.today = today
+        self._gate_lock = threading.Lock()
+        # (valid until, the pause signal's version then, the open pause or None)
+        self._gate: tuple[float, bytes | None, Any] = (0.0, None, None)
+        self._via: dict[str, str] = {}  # batch → bytes | url (fixed when the batch is created)
 
     def _outlast(self, fn: Callable[[], Any], what: str) -> Any:
         return outlast(fn, what, patience=self.infra_patience, sleep=self.sleep)
@@ -221,7 +245,7 @@ class Processor:
             if isinstance(claimed, str):
                 return claimed
             try:
-                return self._work(item_id, *claimed)
+                return self._work(claimed)
             except (OutageTooLong, _Paused):
                 raise
             except Exception as exc:
@@ -230,74 +254,95 @@ class Processor:
                 # A defect, not the image's fault and not the infrastructure's: the item ends
                 # failed with the class named, instead of coming back with every takeover.
                 log.error("item %s: %s in the worker", item_id, type(exc).__name__)
-                return self._finish(item_id, ItemStatus.FAILED, reason="internal_error",
+                self._outlast(lambda: self._close_open_attempts(item_id), f"item {item_id}: attempts")
+                return self._finish(claimed, ItemStatus.FAILED, reason="internal_error", sent=True,
                                     msg=f"{type(exc).__name__} in the worker; see its log")
         finally:
             if self.heartbeat is not None:
                 self.heartbeat.release(item_id)
 
-    def _claim(self, item_id: int) -> str | tuple[str, str | None, int | None, str]:
-        """The claim, and what a lost predecessor left behind, in one transaction: (uri, sha256,
-        size, via) to go on with, or the status this delivery ends with."""
+    def _claim(self, item_id: int) -> str | Work:
+        """The claim, what a lost predecessor left behind, and the first call's attempt row, in
+        one transaction: the work to go on with, or the status this delivery ends with."""
         applied: str | None = None
         with unit_of_work(self.db) as s:
-            item = repo.claim(s, item_id, self.worker_id, stale_before=utcnow() - self.claim_lease)
-            if item is None:
+            row = repo.claim_row(s, item_id, self.worker_id, stale_before=utcnow() - self.claim_lease)
+            if row is None:
                 log.debug("item %s: not queued any more, delivery ignored", item_id)
                 return "skipped"
-            entry = self.journal.get(item_id) if self.journal is not None else None
-            if entry is not None:
-                # a paid answer its worker could not write: use it, never call again
-                applied = apply_answer(s, entry, repo.answerable(worker=self.worker_id), self.today())
-            else:
-                lost = repo.open_attempts(s, item_id)
-                if lost:
-                    sent = self.sent_marks.sent(lost) if self.sent_marks is not None else set(lost)
-                    for attempt_id in lost:
-                        if attempt_id not in sent:
-                            repo.delete_attempt(s, attempt_id)  # it never left the worker
-                    repo.close_attempts_unknown(s, sorted(sent))
-                    metrics.record_unknown(self.provider.name, len(sent))
-                    if sent and not self.resend_unknown:
-                        repo.set_status(s, item_id, ItemStatus.FAILED, reason=repo.UNKNOWN, msg=UNKNOWN_MSG)
-                        metrics.record_item_final(ItemStatus.FAILED, repo.UNKNOWN)
-                        return ItemStatus.FAILED
-                if repo.park_if_paused(s, item_id, self.provider.name, self.provider.account):
+            if row.attempts:  # a predecessor made calls: settle what it left first
+                entry = self.journal.get(item_id) if self.journal is not None else None
+                if entry is not None:
+                    # a paid answer its worker could not write: use it, never call again
+                    applied = apply_answer(s, entry, repo.answerable(worker=self.worker_id), self.today())
+                elif self._takeover_failed(s, item_id):
+                    return ItemStatus.FAILED
+            if applied is None:
+                if self._open_pause() is not None and repo.park_if_paused(
+                    s, item_id, self.provider.name, self.provider.account
+                ):
                     return ItemStatus.PAUSED
-                return item.source_uri, item.sha256, item.size, repo.batch_via(s, item.batch_id)
+                via = self._via.get(row.batch_id) or self._via.setdefault(
+                    row.batch_id, repo.batch_via(s, row.batch_id))
+                attempt_id = repo.insert_attempt(s, item_id, 1, self.provider.name)
+                return Work(item_id, row.batch_id, row.source_uri, row.sha256, row.size, via,
+                            row.pair_key, attempt_id)
         if self.journal is not None:
             self.journal.drop(item_id)
-        if applied == ItemStatus.SUCCEEDED:
-            self._pair(item_id)
+        if applied == ItemStatus.SUCCEEDED and row.pair_key is not None:
+            self._pair(item_id, (row.batch_id, row.pair_key))
         return applied or "skipped"
 
-    def _work(self, item_id: int, uri: str, sha: str | None, size: int | None, via: str) -> str:
-        if via == "url":
-            return self._process_by_url(item_id, uri, size)
+    def _close_open_attempts(self, item_id: int) -> None:
+        with unit_of_work(self.db) as s:
+            repo.close_attempts_unknown(s, repo.open_attempts(s, item_id))
+
+    def _takeover_failed(self, s: Any, item_id: int) -> bool:
+        """Attempts a lost worker left open: one never sent is dropped; one that may have
+        reached the provider is closed ``unknown``, and unless ``resend_unknown`` the item fails
+        with that reason (True) rather than paying a second time."""
+        lost = repo.open_attempts(s, item_id)
+        if not lost:
+            return False
+        sent = self.sent_marks.sent(lost) if self.sent_marks is not None else set(lost)
+        for attempt_id in lost:
+            if attempt_id not in sent:
+                repo.delete_attempt(s, attempt_id)  # it never left the worker
+        repo.close_attempts_unknown(s, sorted(sent))
+        metrics.record_unknown(self.provider.name, len(sent))
+        if sent and not self.resend_unknown:
+            repo.set_status(s, item_id, ItemStatus.FAILED, reason=repo.UNKNOWN, msg=UNKNOWN_MSG)
+            metrics.record_item_final(ItemStatus.FAILED, repo.UNKNOWN)
+            return True
+        return False
+
+    def _work(self, w: Work) -> str:
+        if w.via == "url":
+            return self._process_by_url(w)
         try:
-            data = self.reader(uri)
+            data = self.reader(w.uri)
         except SourceError as exc:
-            return self._finish(item_id, ItemStatus.REJECTED, reason="unreadable", msg=str(exc))
+            return self._finish(w, ItemStatus.REJECTED, reason="unreadable", msg=str(exc))
         digest = hashlib.sha256(data).hexdigest()
-        if sha and digest != sha:
+        if w.sha256 and digest != w.sha256:
             return self._finish(
-                item_id, ItemStatus.REJECTED, reason="changed",
+                w, ItemStatus.REJECTED, reason="changed",
                 msg="the file changed after it was scanned; scan the source again",
             )
-        if not sha:
+        if not w.sha256:
             # Listed without reading (S3): identical bytes are found only now.
-            original = self._original_of(item_id, digest)
+            original = self._original_of(w.item_id, digest)
             if original is not None:
                 return self._finish(
-                    item_id, ItemStatus.DUPLICATE, reason=repo.SAME_CONTENT,
+                    w, ItemStatus.DUPLICATE, reason=repo.SAME_CONTENT,
                     duplicate_of=original, sha256=digest,
                 )
         try:
             prepared = prepare(data, self.limits)
         except ImageRejected as exc:
-            return self._finish(item_id, ItemStatus.REJECTED, reason=exc.reason, msg=str(exc), sha256=digest)
+            return self._finish(w, ItemStatus.REJECTED, reason=exc.reason, msg=str(exc), sha256=digest)
         del data
-        return self._submit(item_id, ImagePayload(data=prepared.data), digest)
+        return self._submit(w, ImagePayload(data=prepared.data), digest)
 
     def _original_of(self, item_id: int, digest: str) -> int | None:
         """Another item with these bytes that succeeded or is on its way, or None. Two workers
@@ -317,40 +362,41 @@ class Processor:
                 return winner
         return None
 
-    def _process_by_url(self, item_id: int, uri: str, size: int | None) -> str:
+    def _process_by_url(self, w: Work) -> str:
         """The provider fetches the image itself: only what the listing and the first bytes
         tell can be checked here, and the bytes never pass through the worker."""
         if self.url_for is None or self.head_reader is None:
             return self._finish(
-                item_id, ItemStatus.REJECTED, reason="no_url",
+                w, ItemStatus.REJECTED, reason="no_url",
                 msg="this source cannot give the provider a URL; scan it with --via bytes",
             )
-        if size is not None and size > self.limits.max_payload_bytes:
+        if w.size is not None and w.size > self.limits.max_payload_bytes:
             return self._finish(
-                item_id, ItemStatus.REJECTED, reason="too_large",
-                msg=f"the object is {size} bytes; the provider fetches at most {self.limits.max_payload_bytes}",
+                w, ItemStatus.REJECTED, reason="too_large",
+                msg=f"the object is {w.size} bytes; the provider fetches at most {self.limits.max_payload_bytes}",
             )
         try:
-            head = self.head_reader(uri)
+            head = self.head_reader(w.uri)
         except SourceError as exc:
-            return self._finish(item_id, ItemStatus.REJECTED, reason="unreadable", msg=str(exc))
+            return self._finish(w, ItemStatus.REJECTED, reason="unreadable", msg=str(exc))
         if not head:
-            return self._finish(item_id, ItemStatus.REJECTED, reason="empty", msg="the object is empty (0 bytes)")
+            return self._finish(w, ItemStatus.REJECTED, reason="empty", msg="the object is empty (0 bytes)")
         fmt = sniff(head)
         if fmt is None:
-            return self._finish(item_id, ItemStatus.REJECTED, reason="not_image",
+            return self._finish(w, ItemStatus.REJECTED, reason="not_image",
                                 msg="not an image: the content is not JPEG, PNG, BMP or PDF")
         if fmt not in self.limits.allowed:
-            return self._finish(item_id, ItemStatus.REJECTED, reason="unsupported_format",
+            return self._finish(w, ItemStatus.REJECTED, reason="unsupported_format",
                                 msg=f"{fmt.upper()} is not accepted by the provider (JPG, JPEG, PNG, BMP, PDF)")
         try:
-            url = self.url_for(uri)
+            url = self.url_for(w.uri)
         except SourceError as exc:
-            return self._finish(item_id, ItemStatus.REJECTED, reason="no_url", msg=str(exc))
-        return self._submit(item_id, ImagePayload(url=url), None)
+            return self._finish(w, ItemStatus.REJECTED, reason="no_url", msg=str(exc))
+        return self._submit(w, ImagePayload(url=url), None)
 
     # -- calling the provider ------------------------------------------------------------------
-    def _submit(self, item_id: int, payload: ImagePayload, digest: str | None) -> str:
+    def _submit(self, w: Work, payload: ImagePayload, digest: str | None) -> str:
+        item_id = w.item_id
         calls = 0
         clock_resigned = False
         call = self.provider.prepare(payload)  # encoded once; every send signs it anew
@@ -367,7 +413,9 @@ class Processor:
             for attempt in retrying:
                 with attempt:
                     calls += 1
-                    result, attempt_id, elapsed = self._call_once(item_id, calls, call)
+                    # the first call's attempt row was written with the claim
+                    pre = w.attempt_id if calls == 1 else None
+                    result, attempt_id, elapsed = self._call_once(item_id, calls, call, pre)
                     if result.outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN):
                         raise _Again(result)
                     if result.outcome is Outcome.CLOCK and not clock_resigned:
@@ -380,8 +428,8 @@ class Processor:
                 self._pause("clock", pause_reason(r, self.provider.name))
                 return self._park(item_id, sha256=digest, code=r.code, msg=r.msg)
             return self._finish(
-                item_id, ItemStatus.FAILED, reason="transient", code=r.code,
-                msg=f"gave up after {calls} attempts: {r.msg}", sha256=digest,
+                w, ItemStatus.FAILED, reason="transient", code=r.code,
+                msg=f"gave up after {calls} attempts: {r.msg}", sha256=digest, sent=True,
             )
         except _Paused as p:
             if p.new:
@@ -389,8 +437,9 @@ class Processor:
             return self._park(item_id, sha256=digest)
 
         if result.outcome in ANSWERS:
+            pair = (w.batch_id, w.pair_key) if w.pair_key is not None else None
             return self._settle(Entry(item_id, attempt_id, self.provider.name, digest, result,
-                                      self.worker_id, elapsed))
+                                      self.worker_id, elapsed), pair=pair)
         if result.outcome in PAUSING:
             self._pause(PAUSING[result.outcome], pause_reason(result, self.provider.name))
             return self._park(item_id, sha256=digest, code=result.code, msg=result.msg)
@@ -401,32 +450,39 @@ class Processor:
         if isinstance(exc, _Again):
             metrics.record_retry(self.provider.name, exc.result.outcome.value)
 
-    def _call_once(self, item_id: int, number: int, call: Any) -> tuple[ProviderResult, int, int]:
-        """One call: (answer, attempt id, ms). An answer that settles the item leaves its attempt
-        open: it is closed in the same transaction as the item's final status."""
-        self._check_gate()
+    def _call_once(
+        self, item_id: int, number: int, call: Any, attempt_id: int | None = None
+    ) -> tuple[ProviderResult, int, int]:
+        """One call: (answer, attempt id, ms). ``attempt_id``: the attempt already recorded
+        (with the claim) for this call, dropped if no call is made. An answer that settles the
+        item leaves its attempt open: it is closed in the transaction of the final status."""
         reservation = None
-        if self.quota is not None:
-            try:
-                reservation = self._outlast(self.quota.reserve, "quota reservation")
-            except self.quota_exhausted as exc:
-                raise _Paused("quota", f"{self.provider.name} quota at its low watermark ({exc}); "
-                              "submissions resume when a balance reading shows it topped up",
-                              new=True) from None
         try:
-            attempt_id = self._outlast(lambda: self._start_attempt(item_id, number),
-                                       f"item {item_id}: attempt record")
+            self._check_gate(unsent_attempt=attempt_id)
+            if self.quota is not None:
+                try:
+                    reservation = self._outlast(self.quota.reserve, "quota reservation")
+                except self.quota_exhausted as exc:
+                    if attempt_id is not None:
+                        self._drop_attempt(attempt_id)
+                    raise _Paused("quota", f"{self.provider.name} quota at its low watermark "
+                                  f"({exc}); submissions resume when a balance reading shows it "
+                                  "topped up", new=True) from None
+            if attempt_id is None:
+                attempt_id = self._outlast(lambda: self._start_attempt(item_id, number),
+                                           f"item {item_id}: attempt record")
+            recorded = attempt_id
             # The slot is taken last, right before the send: work between the two would shift
             # calls in time and let more than the rate arrive within some second. A pause that
             # came while we waited is seen just before the slot.
             if self.limiter is not None:
                 limiter = self.limiter
                 waited = self._outlast(lambda: limiter.acquire(before_slot=lambda: self._check_gate(
-                    unsent_attempt=attempt_id, reserved=reservation is not None)), "rate limiter")
+                    unsent_attempt=recorded, reserved=reservation is not None)), "rate limiter")
                 metrics.record_limiter_wait(waited, self.provider.name)
             if self.sent_marks is not None:
                 marks = self.sent_marks
-                self._outlast(lambda: marks.mark(attempt_id), "sent mark")
+                self._outlast(lambda: marks.mark(recorded), "sent mark")
         except BaseException:
             if reservation is not None:
                 self._settle_reservation(reservation.release)
@@ -453,20 +509,24 @@ class Processor:
             def finish() -> None:
                 with unit_of_work(self.db) as s:
                     repo.finish_attempt(
-                        s, attempt_id, outcome=result.outcome.value, code=result.code,
+                        s, recorded, outcome=result.outcome.value, code=result.code,
                         msg=result.msg, http_status=result.http_status, elapsed_ms=elapsed,
                         ocrid=result.ocrid,
                     )
 
             self._outlast(finish, f"item {item_id}: attempt outcome")
-        return result, attempt_id, elapsed
+        return result, recorded, elapsed
 
     def _start_attempt(self, item_id: int, number: int) -> int:
         with unit_of_work(self.db) as s:
-            attempt_id = repo.start_attempt(s, item_id, number, self.provider.name).id
-            # each call renews the claim too
-            repo.set_status(s, item_id, ItemStatus.SUBMITTING, attempts=number, claimed_at=utcnow())
-        return attempt_id
+            return repo.insert_attempt(s, item_id, number, self.provider.name)
+
+    def _drop_attempt(self, attempt_id: int) -> None:
+        def drop() -> None:
+            with unit_of_work(self.db) as s:
+                repo.delete_attempt(s, attempt_id)  # it was never sent
+
+        self._outlast(drop, "unsent attempt")
 
     @staticmethod
     def _settle_reservation(settle: Callable[[], None]) -> None:
@@ -479,12 +539,31 @@ class Processor:
                 raise
             log.warning("quota reservation not settled (%s); it expires on its own", type(exc).__name__)
 
-    def _check_gate(self, unsent_attempt: int | None = None, reserved: bool = False) -> None:
+    def _open_pause(self) -> Any:
+        """The open pause of this account, or None. Read from SQL again only when the pause
+        signal moved (a pause or resume anywhere), or ``gate_ttl`` seconds after the last read
+        (:mod:`pipeline.gate`), not before every call."""
+        now = time.monotonic()
+        version = None
+        if self.pause_signal is not None:
+            signal = self.pause_signal
+            version = self._outlast(signal.version, "pause signal")
+        with self._gate_lock:
+            until, seen, pause = self._gate
+        if now < until and version == seen:
+            return pause
+
         def read() -> Any:
             with unit_of_work(self.db, read_only=True) as s:
                 return repo.open_pause(s, self.provider.name, self.provider.account)
 
         pause = self._outlast(read, "pause gate")
+        with self._gate_lock:
+            self._gate = (now + self.gate_ttl, version, pause)
+        return pause
+
+    def _check_gate(self, unsent_attempt: int | None = None, reserved: bool = False) -> None:
+        pause = self._open_pause()
         if pause is None:
             return
         if reserved and pause.kind == "quota" and self._reservations_covered():
@@ -493,12 +572,7 @@ class Processor:
             # would leave paid quota unused and make the pause flap at every balance reading.
             return
         if unsent_attempt is not None:
-
-            def drop() -> None:
-                with unit_of_work(self.db) as s:
-                    repo.delete_attempt(s, unsent_attempt)  # it was never sent
-
-            self._outlast(drop, "unsent attempt")
+            self._drop_attempt(unsent_attempt)
         raise _Paused(pause.kind, pause.reason)
 
     def _reservations_covered(self) -> bool:
@@ -515,8 +589,9 @@ class Processor:
         return remaining is not None and remaining > getattr(self.quota, "low_watermark", 0)
 
     # -- persisting ----------------------------------------------------------------------------
-    def _settle(self, entry: Entry) -> str:
-        """The paid answer into the database; into the journal first if the database fails."""
+    def _settle(self, entry: Entry, pair: tuple[str, str] | None = None) -> str:
+        """The paid answer into the database; into the journal first if the database fails.
+        ``pair``: (batch, pair key) when the item's name has a side word (a partner may exist)."""
         guard = repo.answerable(worker=self.worker_id)
 
         def write() -> str | None:
@@ -543,19 +618,19 @@ class Processor:
         metrics.record_item_final(status, None if status == ItemStatus.SUCCEEDED else
                                   ("image" if entry.result.outcome is Outcome.IMAGE else "refused"))
         if status == ItemStatus.SUCCEEDED:
-            if entry.result.side:
-                self._pair(entry.item_id)
+            if entry.result.side and pair is not None:
+                self._pair(entry.item_id, pair)
         else:
             log.info("item %s: %s (%s)", entry.item_id, status, entry.result.code)
         return status
 
-    def _pair(self, item_id: int) -> None:
+    def _pair(self, item_id: int, pair: tuple[str, str]) -> None:
         """Check the card's two sides together once both are recognised. After the result's own
         commit: of two sides finishing together, the later commit sees the earlier one. Looked
         up first without a write lock: most images have no partner yet."""
         try:
             with unit_of_work(self.db, read_only=True) as s:
-                group = repo.pair_group(s, item_id)
+                group = repo.pair_group_of(s, *pair)
             if len(group) == 2:
                 with unit_of_work(self.db) as s:
                     repo.store_pair_checks(s, group)
@@ -563,12 +638,17 @@ class Processor:
             # the class only: a database error quotes its parameters (file names, fields)
             log.warning("item %s: pairing with the other side failed (%s)", item_id, type(exc).__name__)
 
-    def _finish(self, item_id: int, status: str, **values: object) -> str:
+    def _finish(self, w: Work, status: str, *, sent: bool = False, **values: object) -> str:
+        """A final status without an answer to write. ``sent``: calls were made (their attempts
+        are on record); otherwise the attempt recorded with the claim never left and is dropped."""
+        item_id = w.item_id
         if values.get("sha256", "") is None:
             del values["sha256"]
 
         def write() -> bool:
             with unit_of_work(self.db) as s:
+                if not sent:
+                    repo.drop_unsent_attempt(s, w.attempt_id)
                 return repo.settle(s, item_id, status, repo.held_by(self.worker_id), **values)
 
         if not self._outlast(write, f"item {item_id}: status"):
@@ -606,6 +686,10 @@ class Processor:
                 repo.add_pause(s, self.provider.name, self.provider.account, kind, reason)
 
         self._outlast(write, "pause")
+        if self.pause_signal is not None:
+            self._outlast(self.pause_signal.bump, "pause signal")
+        with self._gate_lock:
+            self._gate = (0.0, None, None)  # this process sees its own pause at once
         metrics.record_pause(kind)
         log.warning("submissions paused (%s): %s", kind, reason)
         if self.on_pause is not None:

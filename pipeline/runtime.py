@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, Settings
 from pipeline.dedupe import ContentClaims
 from pipeline.images import ImageLimits
+from pipeline.gate import PauseSignal
 from pipeline.heartbeat import Heartbeat
 from pipeline.journal import AnswerJournal, SentMarks
 from pipeline.processing import Processor, RetryPolicy
@@ -173,6 +174,7 @@ def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | N
         heartbeat=Heartbeat(settings.resolved_database_url, wid, settings.heartbeat_interval),
         infra_patience=settings.infra_retry_for,
         resend_unknown=settings.resend_unknown,
+        pause_signal=PauseSignal(r, provider.name, provider.account),
     )
 
 

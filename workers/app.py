@@ -87,6 +87,10 @@ def _mask_pii(logger: logging.Logger, **_: object) -> None:
 
     for handler in logger.handlers:
         handler.addFilter(PIIFilter())
+    # no line per task at INFO ("Received task", "Task … succeeded"): at millions of images the
+    # log is the cost; failures are still logged, at ERROR
+    for per_task in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(per_task).setLevel(logging.WARNING)
 
 
 if (os.environ.get("IDOCR_LOG_FORMAT") or "text").lower() == "json":

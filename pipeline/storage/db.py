@@ -83,8 +83,11 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
+    # No pre-ping (a round trip before every transaction): a connection the server dropped
+    # fails its statement with an error the callers treat as transient and retry
+    # (pipeline.resilience), on a fresh connection since the pool invalidates the dead one.
     engine = create_engine(
-        url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True
+        url, pool_size=10, max_overflow=10, pool_recycle=1800, hide_parameters=True
     )
     event.listen(engine, "handle_error", _drop_row_details)
     return engine

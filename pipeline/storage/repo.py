@@ -12,6 +12,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    delete,
     func,
     insert,
     literal_column,
@@ -269,6 +270,31 @@ def claim(session: Session, item_id: int, worker: str, stale_before: datetime | 
     return session.get(Item, item_id, populate_existing=True)
 
 
+@dataclass(slots=True)
+class Claimed:
+    """What a worker needs of the item it has just claimed."""
+
+    batch_id: str
+    source_uri: str
+    sha256: str | None
+    size: int | None
+    attempts: int
+    pair_key: str | None
+
+
+def claim_row(session: Session, item_id: int, worker: str, stale_before: datetime | None = None) -> Claimed | None:
+    """:func:`claim` in one statement (UPDATE … RETURNING): the worker's hot path."""
+    now = utcnow()
+    row = session.execute(
+        update(Item)
+        .where(Item.id == item_id, _claimable(stale_before))
+        .values(status=ItemStatus.SUBMITTING, claimed_at=now, claimed_by=worker[:128], updated_at=now)
+        .returning(Item.batch_id, Item.source_uri, Item.sha256, Item.size, Item.attempts, Item.pair_key)
+        .execution_options(synchronize_session=False)
+    ).first()
+    return None if row is None else Claimed(*row)
+
+
 def renew_claims(session: Session, item_ids: Sequence[int], worker: str) -> int:
     """The heartbeat: ``claimed_at`` = now for the claims ``worker`` still holds."""
     res = session.execute(
@@ -395,11 +421,31 @@ def set_status(session: Session, item_id: int, status: str, **values: Any) -> No
     )
 
 
-def start_attempt(session: Session, item_id: int, number: int, provider: str) -> Attempt:
-    attempt = Attempt(item_id=item_id, number=number, provider=provider, started_at=utcnow())
-    session.add(attempt)
-    session.flush()
-    return attempt
+def insert_attempt(session: Session, item_id: int, number: int, provider: str) -> int:
+    """An attempt row before its call (Core: the hot path); the item counts ``number`` calls."""
+    attempt_id = session.execute(
+        insert(Attempt)
+        .values(item_id=item_id, number=number, provider=provider, started_at=utcnow())
+        .returning(Attempt.id)
+    ).scalar_one()
+    session.execute(
+        update(Item).where(Item.id == item_id).values(attempts=number)
+        .execution_options(synchronize_session=False)
+    )
+    return int(attempt_id)
+
+
+def drop_unsent_attempt(session: Session, attempt_id: int) -> None:
+    """The attempt recorded for a call that was not made after all (the image was rejected,
+    a duplicate, a pause): gone, and the item counts one call less."""
+    item_id = session.scalar(
+        delete(Attempt).where(Attempt.id == attempt_id, Attempt.outcome.is_(None)).returning(Attempt.item_id)
+    )
+    if item_id is not None:
+        session.execute(
+            update(Item).where(Item.id == item_id, Item.attempts > 0)
+            .values(attempts=Item.attempts - 1).execution_options(synchronize_session=False)
+        )
 
 
 def delete_attempt(session: Session, attempt_id: int) -> None:
@@ -440,8 +486,9 @@ def finish_attempt(
     )
 
 
-def save_result(session: Session, result: Result) -> None:
-    session.merge(result)
+def save_result(session: Session, values: dict[str, Any]) -> None:
+    """The item's result (Core INSERT: an item is settled once, guarded by its claim)."""
+    session.execute(insert(Result).values(**values))
 
 
 _PAIR_FIELDS = (Result.date_of_birth, Result.id_number, Result.valid_from, Result.valid_to)
@@ -474,12 +521,9 @@ def _store_pair_checks(session: Session, groups: Iterable[list[SideRecord]]) -> 
     return pairs
 
 
-def pair_group(session: Session, item_id: int) -> list[SideRecord]:
-    """The recognised images sharing ``item_id``'s name, itself included (a read)."""
-    item = session.get(Item, item_id)
-    if item is None or item.pair_key is None:
-        return []
-    return _side_records(session, item.batch_id, [item.pair_key]).get(item.pair_key, [])
+def pair_group_of(session: Session, batch_id: str, pair_key: str) -> list[SideRecord]:
+    """The recognised images of the batch sharing the name ``pair_key`` (one query)."""
+    return _side_records(session, batch_id, [pair_key]).get(pair_key, [])
 
 
 def store_pair_checks(session: Session, group: list[SideRecord]) -> bool:

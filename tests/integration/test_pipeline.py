@@ -10,6 +10,7 @@ from pathlib import Path
 import redis
 from sqlalchemy import select
 
+from pipeline.gate import PauseSignal
 from pipeline.images import ImageLimits
 from pipeline.processing import Processor, RetryPolicy
 from pipeline.producer import scan
@@ -44,6 +45,7 @@ def make_processor(db_url: str, sandbox, redis_url: str, *, key: str = "sandbox-
         limiter=RateLimiter(r, rate_key("sandbox", "sandbox"), 1000, 10),
         quota=QuotaLedger(r, "sandbox", "sandbox", low_watermark=low_watermark),
         quota_exhausted=QuotaExhausted,
+        pause_signal=PauseSignal(r, "sandbox", "sandbox"),
     )
 
 
@@ -262,8 +264,8 @@ def test_a_claim_whose_worker_died_is_taken_over_after_the_lease(db_url: str, tm
     with unit_of_work(db_url) as s:
         for item_id in sent:
             assert repo.claim(s, item_id, "dead-worker") is not None
-        unsent = repo.start_attempt(s, sent[0], 1, "sandbox").id
-        in_flight = repo.start_attempt(s, sent[1], 1, "sandbox").id
+        unsent = repo.insert_attempt(s, sent[0], 1, "sandbox")
+        in_flight = repo.insert_attempt(s, sent[1], 1, "sandbox")
     marks.mark(in_flight)
     proc = make_processor(db_url, sandbox, redis_url)
     proc.sent_marks = marks

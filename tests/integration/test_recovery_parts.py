@@ -62,7 +62,7 @@ def test_a_journaled_answer_is_written_by_the_reconciler_without_a_call(db_url: 
     # a worker claimed the item, was answered, could not write the answer, and died
     with unit_of_work(db_url) as s:
         repo.claim(s, item_id, "dead:1")
-        attempt = repo.start_attempt(s, item_id, 1, "sandbox").id
+        attempt = repo.insert_attempt(s, item_id, 1, "sandbox")
     journal = AnswerJournal(redis.Redis.from_url(redis_url), tmp_path / "journal", "dead:1")
     journal.put(Entry(item_id, attempt, "sandbox", "ab" * 32, ok_answer(), "dead:1", 210))
     sent: list[int] = []
@@ -88,7 +88,7 @@ def test_a_takeover_uses_a_journaled_answer(db_url: str, tmp_path: Path, sandbox
     item_id = one_item(db_url, tmp_path)
     with unit_of_work(db_url) as s:
         repo.claim(s, item_id, "dead:1")
-        attempt = repo.start_attempt(s, item_id, 1, "sandbox").id
+        attempt = repo.insert_attempt(s, item_id, 1, "sandbox")
     r = redis.Redis.from_url(redis_url)
     journal = AnswerJournal(r, tmp_path / "journal", "dead:1")
     journal.put(Entry(item_id, attempt, "sandbox", None, ok_answer(), "dead:1", 5))
