@@ -346,7 +346,7 @@ def _wait(settings: Settings, provider, batch_id: str, worker, progress, task,  
         progress.update(task, total=total, completed=total - pending, detail=_detail(counts, pause))
         if pending == 0:
             return EXIT_OK
-        if pause is not None and pause.kind in ("auth", "clock"):
+        if pause is not None and pause.kind in ("auth", "clock") and len(settings.chain) == 1:
             err.print(f"[red]stopped: {pause.reason}")
             return EXIT_INCOMPLETE
         # while the quota is paused, `run` is its own balance monitor: it ends by itself

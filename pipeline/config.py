@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     #: Unset: ihuyi (or showapi) when its credentials are configured, else the local OCR engine.
     #: The sandbox (the providers' emulator) is only ever chosen explicitly.
     provider: ProviderName | None = None
+    #: A failover chain, e.g. "ihuyi,local": while the first is paused (quota, account, clock)
+    #: work goes to the next; it returns to the first when that is resumed. Overrides provider.
+    providers: Annotated[list[ProviderName], NoDecode] = Field(default_factory=list)
     ihuyi_account: str | None = None
     ihuyi_api_key: SecretStr | None = None
     ihuyi_base_url: str = "https://api.ihuyi.com"
@@ -194,6 +197,13 @@ class Settings(BaseSettings):
     #: PROMETHEUS_MULTIPROC_DIR set, the figures of every process of the host
     metrics_port: int | None = None
 
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
     @field_validator("sandbox_truth", mode="before")
     @classmethod
     def _split_paths(cls, v: Any) -> Any:
@@ -247,7 +257,14 @@ class Settings(BaseSettings):
 
     # -- derived -----------------------------------------------------------------------------
     @property
+    def chain(self) -> list[ProviderName]:
+        """The providers in the order work goes to them (one unless a failover chain is set)."""
+        return list(dict.fromkeys(self.providers)) or [self.resolved_provider]
+
+    @property
     def resolved_provider(self) -> ProviderName:
+        if self.providers:
+            return self.providers[0]
         if self.provider:
             return self.provider
         if self.ihuyi_account and self.ihuyi_api_key:

@@ -61,7 +61,8 @@ def pause(
         p = repo.add_pause(s, provider, account, kind, reason)
     _signal(settings, provider, account)
     log.warning("submissions to %s paused (%s): %s", provider, kind, reason)
-    if broadcast is not None:
+    # with a failover chain the workers go on with the next provider: they keep consuming
+    if broadcast is not None and len(settings.chain) == 1:
         broadcast(False)
     return p
 

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -89,7 +89,10 @@ class Work:
     size: int | None
     via: str
     pair_key: str | None
-    attempt_id: int
+    #: recorded with the claim for the first call; None once that call went elsewhere
+    attempt_id: int | None
+    #: the processor of the provider the calls go to (a failover chain's first one not paused)
+    route: Any = None
 
 
 class _Again(Exception):
@@ -229,6 +232,9 @@ class Processor:
         # (valid until, the pause signal's version then, the open pause or None)
         self._gate: tuple[float, bytes | None, Any] = (0.0, None, None)
         self._via: dict[str, str] = {}  # batch → bytes | url (fixed when the batch is created)
+        #: the next provider of a failover chain, and the chain's first (pauses park with it)
+        self.fallback: Processor | None = None
+        self.primary: Processor = self
 
     def _outlast(self, fn: Callable[[], Any], what: str) -> Any:
         return outlast(fn, what, patience=self.infra_patience, sleep=self.sleep)
@@ -278,15 +284,16 @@ class Processor:
                 elif self._takeover_failed(s, item_id):
                     return ItemStatus.FAILED
             if applied is None:
-                if self._open_pause() is not None and repo.park_if_paused(
-                    s, item_id, self.provider.name, self.provider.account
-                ):
-                    return ItemStatus.PAUSED
+                route = self._route()
+                if route is None:
+                    if repo.park_if_paused(s, item_id, self.provider.name, self.provider.account):
+                        return ItemStatus.PAUSED
+                    route = self  # the pause ended meanwhile
                 via = self._via.get(row.batch_id) or self._via.setdefault(
                     row.batch_id, repo.batch_via(s, row.batch_id))
-                attempt_id = repo.insert_attempt(s, item_id, 1, self.provider.name)
+                attempt_id = repo.insert_attempt(s, item_id, 1, route.provider.name)
                 return Work(item_id, row.batch_id, row.source_uri, row.sha256, row.size, via,
-                            row.pair_key, attempt_id)
+                            row.pair_key, attempt_id, route)
         if self.journal is not None:
             self.journal.drop(item_id)
         if applied == ItemStatus.SUCCEEDED and row.pair_key is not None:
@@ -296,6 +303,25 @@ class Processor:
     def _close_open_attempts(self, item_id: int) -> None:
         with unit_of_work(self.db) as s:
             repo.close_attempts_unknown(s, repo.open_attempts(s, item_id))
+
+    def _route(self) -> Processor | None:
+        """This provider if it is not paused, else the next of the chain that is not; None
+        when every one is paused."""
+        p: Processor | None = self
+        while p is not None:
+            if p._open_pause() is None:
+                return p
+            p = p.fallback
+        return None
+
+    def _failover(self, w: Work, payload: ImagePayload, digest: str | None) -> str | None:
+        """This provider just paused: the same image to the next provider of the chain that is
+        not paused (the refusal that paused this one billed nothing), or None."""
+        nxt = self.fallback._route() if self.fallback is not None else None
+        if nxt is None:
+            return None
+        log.warning("item %s: %s paused, sent to %s", w.item_id, self.provider.name, nxt.provider.name)
+        return nxt._submit(replace(w, attempt_id=None, route=nxt), payload, digest)
 
     def _takeover_failed(self, s: Any, item_id: int) -> bool:
         """Attempts a lost worker left open: one never sent is dropped; one that may have
@@ -342,7 +368,7 @@ class Processor:
         except ImageRejected as exc:
             return self._finish(w, ItemStatus.REJECTED, reason=exc.reason, msg=str(exc), sha256=digest)
         del data
-        return self._submit(w, ImagePayload(data=prepared.data), digest)
+        return w.route._submit(w, ImagePayload(data=prepared.data), digest)
 
     def _original_of(self, item_id: int, digest: str) -> int | None:
         """Another item with these bytes that succeeded or is on its way, or None. Two workers
@@ -392,7 +418,7 @@ class Processor:
             url = self.url_for(w.uri)
         except SourceError as exc:
             return self._finish(w, ItemStatus.REJECTED, reason="no_url", msg=str(exc))
-        return self._submit(w, ImagePayload(url=url), None)
+        return w.route._submit(w, ImagePayload(url=url), None)
 
     # -- calling the provider ------------------------------------------------------------------
     def _submit(self, w: Work, payload: ImagePayload, digest: str | None) -> str:
@@ -426,7 +452,8 @@ class Processor:
             if r.outcome is Outcome.CLOCK:
                 # the attempts ran out before the re-sign: still a clock problem, never a failure
                 self._pause("clock", pause_reason(r, self.provider.name))
-                return self._park(item_id, sha256=digest, code=r.code, msg=r.msg)
+                return (self._failover(w, payload, digest)
+                        or self._park(item_id, sha256=digest, code=r.code, msg=r.msg))
             return self._finish(
                 w, ItemStatus.FAILED, reason="transient", code=r.code,
                 msg=f"gave up after {calls} attempts: {r.msg}", sha256=digest, sent=True,
@@ -434,7 +461,7 @@ class Processor:
         except _Paused as p:
             if p.new:
                 self._pause(p.kind, p.reason)
-            return self._park(item_id, sha256=digest)
+            return self._failover(w, payload, digest) or self._park(item_id, sha256=digest)
 
         if result.outcome in ANSWERS:
             pair = (w.batch_id, w.pair_key) if w.pair_key is not None else None
@@ -442,7 +469,8 @@ class Processor:
                                       self.worker_id, elapsed), pair=pair)
         if result.outcome in PAUSING:
             self._pause(PAUSING[result.outcome], pause_reason(result, self.provider.name))
-            return self._park(item_id, sha256=digest, code=result.code, msg=result.msg)
+            return (self._failover(w, payload, digest)
+                    or self._park(item_id, sha256=digest, code=result.code, msg=result.msg))
         raise AssertionError(f"unhandled outcome {result.outcome}")  # pragma: no cover
 
     def _count_retry(self, state: Any) -> None:
@@ -647,7 +675,7 @@ class Processor:
 
         def write() -> bool:
             with unit_of_work(self.db) as s:
-                if not sent:
+                if not sent and w.attempt_id is not None:
                     repo.drop_unsent_attempt(s, w.attempt_id)
                 return repo.settle(s, item_id, status, repo.held_by(self.worker_id), **values)
 
@@ -666,9 +694,11 @@ class Processor:
         if values.get("sha256", "") is None:
             del values["sha256"]
 
+        home = self.primary.provider  # a chain parks with its first provider's pause
+
         def write() -> bool:
             with unit_of_work(self.db) as s:
-                parked = repo.park_if_paused(s, item_id, self.provider.name, self.provider.account, **values)
+                parked = repo.park_if_paused(s, item_id, home.name, home.account, **values)
                 if not parked:
                     repo.set_status(s, item_id, ItemStatus.QUEUED, **values)
             return parked

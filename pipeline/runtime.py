@@ -76,8 +76,9 @@ def _sandbox_url(settings: Settings) -> str:
         return _sandbox.url
 
 
-def build_provider(settings: Settings) -> Provider:
-    name = settings.resolved_provider
+def build_provider(settings: Settings, name: str | None = None) -> Provider:
+    """The client of provider ``name`` (default: the first of the chain)."""
+    name = name or settings.resolved_provider
     if name == "local":
         # imported here: only a process that runs OCR pays for loading the engine
         from pipeline.providers.local import LocalOCRClient
@@ -107,9 +108,10 @@ def build_provider(settings: Settings) -> Provider:
     raise ConfigError(f"unknown provider {name!r}")
 
 
-def provider_identity(settings: Settings) -> tuple[str, str]:
-    """(provider, account) as pauses, the limiter and the ledger key them, without a client."""
-    name = settings.resolved_provider
+def provider_identity(settings: Settings, name: str | None = None) -> tuple[str, str]:
+    """(provider, account) as pauses, the limiter and the ledger key them, without a client
+    (default: the first provider of the chain)."""
+    name = name or settings.resolved_provider
     if name == "local":
         return name, LOCAL_ACCOUNT
     if name == "sandbox":
@@ -128,7 +130,7 @@ SHOWAPI_MAX_PAYLOAD = 1_500_000
 def image_limits(settings: Settings) -> ImageLimits:
     if settings.max_payload_bytes:
         return ImageLimits(max_payload_bytes=settings.max_payload_bytes)
-    if settings.resolved_provider == "showapi":
+    if "showapi" in settings.chain:  # one image, prepared once, fits every provider it may meet
         return ImageLimits(max_payload_bytes=SHOWAPI_MAX_PAYLOAD)
     return ImageLimits()
 
@@ -146,36 +148,49 @@ def provider_limiter(settings: Settings, provider: Provider) -> RateLimiter:
 
 
 def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | None = None) -> Processor:
-    provider = build_provider(settings)
+    """The processor of the first provider of the chain, linked to one for each next provider
+    (``fallback``); they share the claim heartbeat, the journal and the readers. ``on_pause``
+    (stop consuming the queue) is called only when the last provider of the chain pauses."""
     r = redis_client(settings)
     wid = worker_id()
-    # The local engine has no rate limit to keep and no paid quota to count.
-    local = settings.resolved_provider == "local"
-    return Processor(
-        database_url=settings.resolved_database_url,
-        provider=provider,
-        limits=image_limits(settings),
-        retry=RetryPolicy(settings.max_attempts, settings.retry_initial, settings.retry_max),
-        worker_id=wid,
-        limiter=None if local else provider_limiter(settings, provider),
-        quota=None if local else QuotaLedger(
-            r, provider.name, provider.account, low_watermark=settings.quota_low_watermark),
-        quota_exhausted=QuotaExhausted,
-        on_pause=on_pause,
-        reader=functools.partial(read_uri, endpoint_url=settings.s3_endpoint_url),
-        head_reader=functools.partial(head_uri, endpoint_url=settings.s3_endpoint_url),
-        url_for=functools.partial(presign_uri, expires=settings.presign_expires,
-                                  endpoint_url=settings.s3_endpoint_url),
-        first_claim=ContentClaims(r).first,
-        claim_lease=timedelta(seconds=settings.claim_lease),
-        enqueue=enqueue_items,
-        journal=answer_journal(settings),
-        sent_marks=SentMarks(r),
-        heartbeat=Heartbeat(settings.resolved_database_url, wid, settings.heartbeat_interval),
-        infra_patience=settings.infra_retry_for,
-        resend_unknown=settings.resend_unknown,
-        pause_signal=PauseSignal(r, provider.name, provider.account),
-    )
+    heartbeat = Heartbeat(settings.resolved_database_url, wid, settings.heartbeat_interval)
+    journal = answer_journal(settings)
+    chain = settings.chain
+    processors: list[Processor] = []
+    for position, name in enumerate(chain):
+        provider = build_provider(settings, name)
+        # The local engine has no rate limit to keep and no paid quota to count.
+        local = name == "local"
+        processors.append(Processor(
+            database_url=settings.resolved_database_url,
+            provider=provider,
+            limits=image_limits(settings),
+            retry=RetryPolicy(settings.max_attempts, settings.retry_initial, settings.retry_max),
+            worker_id=wid,
+            limiter=None if local else provider_limiter(settings, provider),
+            quota=None if local else QuotaLedger(
+                r, provider.name, provider.account, low_watermark=settings.quota_low_watermark),
+            quota_exhausted=QuotaExhausted,
+            on_pause=on_pause if position == len(chain) - 1 else None,
+            reader=functools.partial(read_uri, endpoint_url=settings.s3_endpoint_url),
+            head_reader=functools.partial(head_uri, endpoint_url=settings.s3_endpoint_url),
+            url_for=functools.partial(presign_uri, expires=settings.presign_expires,
+                                      endpoint_url=settings.s3_endpoint_url),
+            first_claim=ContentClaims(r).first,
+            claim_lease=timedelta(seconds=settings.claim_lease),
+            enqueue=enqueue_items,
+            journal=journal,
+            sent_marks=SentMarks(r),
+            heartbeat=heartbeat,
+            infra_patience=settings.infra_retry_for,
+            resend_unknown=settings.resend_unknown,
+            pause_signal=PauseSignal(r, provider.name, provider.account),
+        ))
+    for earlier, later in zip(processors, processors[1:]):
+        earlier.fallback = later
+    for p in processors[1:]:
+        p.primary = processors[0]
+    return processors[0]
 
 
 def answer_journal(settings: Settings) -> AnswerJournal:
