@@ -41,12 +41,16 @@ def _init() -> None:
 
 def _one(job: tuple[int, bool]) -> dict[str, Any]:
     seed, hard = job
-    from pipeline.images import prepare
+    from pipeline.images import ImageRejected, prepare
     from pipeline.providers.base import ImagePayload
     from pipeline.validation import check_fields
 
     data, truth = make_sample(seed, hard=hard)
-    payload = ImagePayload(data=prepare(data).data)
+    try:
+        payload = ImagePayload(data=prepare(data).data)
+    except ImageRejected as exc:
+        return {"truth": truth, "side": None, "fields": {}, "outcome": f"rejected:{exc.reason}",
+                "cpu": 0.0, "failed_checks": [], "lines": []}
     assert _provider is not None
     t0 = time.thread_time()
     result = _provider.submit(payload)

@@ -495,6 +495,7 @@ def make_sample(seed: int, side: str | None = None, style: str | None = None,
     blur = rng.choice((0.0, 0.0, 0.5, 0.8, 1.2))
     if hard:
         f = rng.uniform(380, 520) / info["card_width"]
+        f = max(f, 260 / min(im.size))  # still within the pipeline's 256 px minimum
         im = im.resize((round(im.width * f), round(im.height * f)), Image.LANCZOS)
         info["card_width"] = round(info["card_width"] * f)
         blur = rng.choice((0.6, 0.9, 1.2))

@@ -104,6 +104,10 @@ ETHNICITIES: tuple[str, ...] = tuple(
 LONG_TERM = "长期"
 #: lines recognised with less confidence than this are background, not print
 MIN_SCORE = 0.35
+#: A legal value chosen by likelihood must not cost more than this (log probability per
+#: character) against the line read without it. Printed but misread names measured -0.5 to
+#: -3; a name imagined onto blank card measured below -11.
+MIN_GAIN_PER_CHAR = -6.0
 
 _LABEL_NAME = "姓名"
 _LABEL_GENDER = "性别"
@@ -439,7 +443,7 @@ def clean_name(text: str) -> str | None:
             kept = kept[len(remnant):]
             break
     # strokes of the background read as characters (一 and 乙 are real given names)
-    kept = kept.strip("丨丿丶亅")
+    kept = kept.strip("丨丿丶亅").lstrip(_LEADING_STROKES)
     return kept or None
 
 
@@ -451,7 +455,9 @@ def clean_gender(text: str) -> str | None:
 
 
 def clean_ethnicity(text: str) -> str | None:
-    """One of the 56 names: exact at the start, else the name sharing most characters."""
+    """One of the 56 names where the reading says which: the name it starts with, or the only
+    name it is part of ("柯尔克" of 柯尔克孜); anything else is returned as read, for the
+    engine's likelihood (or :func:`nearest_ethnicity`) to settle."""
     t = "".join(c for c in _norm(text) if _is_cjk(c))
     t = t.removesuffix("族")
     if not t:
@@ -459,31 +465,35 @@ def clean_ethnicity(text: str) -> str | None:
     for name in ETHNICITIES:
         if t.startswith(name):
             return name
-    # part of exactly one name ("柯尔克" of 柯尔克孜); part of several ("佬": 仫佬 or 仡佬)
-    # is left to the engine's likelihood
-    holders = [name for name in ETHNICITIES if len(t) >= 1 and t in name]
+    holders = [name for name in ETHNICITIES if t in name]
     if len(holders) == 1 and len(t) >= 2:
         return holders[0]
-    if len(holders) > 1:
-        return t
-    best, best_score = None, 0.0
-    for name in ETHNICITIES:
-        common = sum(1 for a, b in zip(t, name, strict=False) if a == b)
-        if len(name) > 1 and common:
-            score = common / max(len(name), len(t))
-            if score > best_score:
-                best, best_score = name, score
-    if best is not None and best_score >= 0.5:
-        return best
     return t
 
+
+def nearest_ethnicity(text: str) -> str:
+    """Without an engine to ask: the multi-character name sharing most characters in place
+    with the reading (at least half of them), else the reading itself."""
+    best, best_score = text, 0.0
+    for name in ETHNICITIES:
+        common = sum(1 for a, b in zip(text, name, strict=False) if a == b)
+        if len(name) > 1 and len(text) > 1 and common:
+            score = common / max(len(name), len(text))
+            if score > best_score and score >= 0.5:
+                best, best_score = name, score
+    return best
+
+
+#: background strokes read in front of a value that never starts with them (a province, a
+#: city, a surname)
+_LEADING_STROKES = "一丨丿丶亅"
 
 _AUTHORITY_ENDINGS = ("公安局", "分局", "公安处", "公安分局")
 
 
 def clean_authority(text: str) -> str | None:
     kept = "".join(c for c in _norm(text) if _is_cjk(c))
-    kept = kept.removeprefix(_LABEL_AUTHORITY)
+    kept = kept.removeprefix(_LABEL_AUTHORITY).lstrip(_LEADING_STROKES)
     # anything read after the usual ending (a stray mark from the background) goes
     for ending in ("分局", "公安局", "公安处"):
         pos = kept.rfind(ending)
@@ -496,7 +506,7 @@ def clean_authority(text: str) -> str | None:
 def clean_address(text: str) -> str | None:
     t = _norm(text)
     kept = "".join(c for c in t if _is_cjk(c) or c.isalnum() or c in "-—()（）#·")
-    kept = kept.strip("-—·")
+    kept = kept.strip("-—·").lstrip(_LEADING_STROKES)
     return kept or None
 
 
@@ -600,16 +610,29 @@ def _look_further(out: CardReading, row: _Row, key: str, allowed: Allowed) -> No
     out.retry[key] = ((x0, row.y0 - 0.25 * h, x0 + 6 * h, row.y1 + 0.25 * h), allowed)
 
 
-def _best_reading(boxes: list[TextBox], row: _Row, holder: int | None, start: int | None,
+def _look_below(out: CardReading, last: _Row, left: float, key: str, allowed: Allowed) -> None:
+    """A value that does not end as such values do: the start of the line below its last
+    line, to be read again (the wrapped rest, a character or two the detector missed)."""
+    h = last.height
+    out.retry[key] = ((left - 0.8 * h, last.y1 + 0.1 * h, left + 4 * h, last.y1 + 1.5 * h), allowed)
+
+
+def _best_reading(boxes: list[TextBox], row: _Row, holder: int | None, label: _Label | None,
                   candidates: Sequence[str]) -> str | None:
-    """The candidate that, after the box's text before the value, best explains the line
-    (by the engine's likelihood); None where the engine cannot score."""
+    """The candidate that, after the box's text before the value, best explains the line (by
+    the engine's likelihood, per character). None where the engine cannot score, or where even
+    the best one explains the line little better than nothing at all (:data:`MIN_GAIN_PER_CHAR`)."""
     if holder is None or boxes[holder].likelihood is None:
         return None
     score = boxes[holder].likelihood
     assert score is not None
-    before = "".join(c.ch for c in row.chars[: start or 0] if c.box == holder)
-    return max(candidates, key=lambda name: score(before + name))
+    start = label.end if label is not None and row.chars[label.end - 1].box == holder else 0
+    before = "".join(c.ch for c in row.chars[:start] if c.box == holder)
+    # per character: a name of two characters is not worse for needing two
+    base = score(before)
+    gain = {name: (score(before + name) - base) / len(name) for name in candidates}
+    best = max(candidates, key=gain.__getitem__)
+    return best if gain[best] >= MIN_GAIN_PER_CHAR else None
 
 
 def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
@@ -704,12 +727,16 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
                        if c.ch not in "民族"]
         ev = _take(_contiguous([c for c in e_chars if _is_cjk(c.ch)], row.height))
         eth = clean_ethnicity(ev.text)
-        if eth is not None and eth not in ETHNICITIES:
-            # none of the 56 read: the official name that best explains the line wins
-            holder = min(ev.boxes)
-            scored = _best_reading(boxes, row, holder, eth_l.end if eth_l else None, ETHNICITIES)
+        if eth not in ETHNICITIES:
+            # None of the 56 read (or nothing within their characters): where the line shows
+            # something after the label, the official name that best explains it wins.
+            holder = min(ev.boxes) if ev.boxes else (
+                row.chars[eth_l.end - 1].box if eth_l is not None else None)
+            scored = _best_reading(boxes, row, holder, eth_l, ETHNICITIES)
             if scored is not None:
                 eth, ev = scored, _Value(scored, {holder} if holder is not None else set())
+            elif eth is not None:
+                eth = nearest_ethnicity(eth)
         put("ethnicity", eth, ev)
 
     if gender_row is not None:
@@ -730,6 +757,10 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
             chars.extend(c for c in row.chars if left is None or c.x >= left - 1.5 * row.height)
         av = _take(chars)
         put("domicile", clean_address(av.text), av)
+        if left is not None and out.fields.get("domicile", "x")[-1:].isdigit():
+            # an address ends in 号/室/组…: the rest wrapped onto a line of its own, too short
+            # for the detector
+            _look_below(out, rows[addr_rows[-1]], left, "domicile", _address_char)
 
     if id_row is not None:
         row = rows[id_row]
@@ -784,6 +815,8 @@ def _back(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
         if cleaned:
             out.fields["issue_authority"] = cleaned
             out.confidence["issue_authority"] = _confidence(boxes, v)
+            if left is not None and not cleaned.endswith(("局", "处")):
+                _look_below(out, rows[auth_rows[-1]], left, "issue_authority", _authority_char)
 
     if period_row is not None:
         row = rows[period_row]

@@ -11,15 +11,22 @@ because an ID card needs what that API does not do:
    boxes gives the skew and the 90° turns; the direction classifier's vote over the longest
    lines settles 0° against 180°. Every line — the one-character ones too (男, 汉), which have
    no direction of their own — is then cut out along that one direction.
-3. **Recognise** the rectified lines, cut from the full-resolution image.
+3. **Recognise** the rectified lines, cut from the full-resolution image, keeping each line's
+   per-step character probabilities: a field's row is decoded again within the characters that
+   field can hold (``[0-9X]`` for the ID number, the 56 names for ethnicity …), and a reading
+   that is none of a field's legal values is replaced by the legal value most likely under the
+   line's probabilities (CTC forward score).
 4. **Extract** the fields from the boxes in the card's upright frame
-   (:mod:`pipeline.providers.cardfields`), with a confidence per field.
+   (:mod:`pipeline.providers.cardfields`), with a confidence per field. Where a label was read
+   but its value was not (a lone character the detector missed) or a value stops short, that
+   stretch of the card is cut out and read again, and the fields are extracted once more.
 
 CPU: onnxruntime runs each model with one intra-op and one inter-op thread (its default would
 start a pool per session as large as the machine, and the worker's threads would multiply
 that), OpenCV runs single-threaded, and a semaphore lets at most ``os.cpu_count()`` OCR runs go
 at once in a process. The engine is loaded once, in the provider's constructor, which the
-worker runs once per process.
+worker runs once per process; glibc's heap is trimmed after each image (see
+:func:`_heap_trimmer`), which keeps a long-running worker's memory flat.
 
 Outcomes: a recognised card side → OK (code ``ok``); an image with no card on it, or one that
 cannot be decoded → IMAGE (``no_card`` / ``bad_image``, never retried); a URL that cannot be
@@ -71,6 +78,8 @@ ELONGATED = 2.0
 #: The probability a character missing from the recogniser's dictionary is given when a
 #: candidate reading containing it is scored.
 UNKNOWN_CHAR_PROB = 1e-4
+#: Room added at each end of a line before it is recognised, in line heights.
+CROP_PAD = 0.3
 #: Lines recognised per model run.
 REC_BATCH = 6
 
@@ -140,6 +149,13 @@ class CardOCR:
         if len({tl, br, tr, bl}) < 4:  # degenerate: fall back to the box's own order
             tl, tr, br, bl = 0, 1, 2, 3
         src = quad[[tl, tr, br, bl]].astype(np.float32)
+        # a little room at both ends: the detector's box can stop at the last stroke, or
+        # short of it, and a character cut in half is read as another one or not at all
+        along = src[1] - src[0]
+        along /= max(float(np.linalg.norm(along)), 1e-6)
+        pad = CROP_PAD * float(np.linalg.norm(src[3] - src[0]))
+        src[[0, 3]] -= along * pad
+        src[[1, 2]] += along * pad
         width = int(max(np.linalg.norm(src[0] - src[1]), np.linalg.norm(src[3] - src[2])))
         height = int(max(np.linalg.norm(src[0] - src[3]), np.linalg.norm(src[1] - src[2])))
         width, height = max(width, 4), max(height, 4)

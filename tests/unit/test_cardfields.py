@@ -214,10 +214,11 @@ def test_an_unknown_ethnicity_is_the_official_name_that_best_explains_the_line()
 
     boxes = front_merged()
     row = boxes[2]
-    boxes[2] = TextBox("民族鑫", 0.8, row.x0, row.y0, row.x1, row.y1, likelihood=likelihood)
+    boxes[2] = TextBox("民族鑫", 0.8, row.x0, row.y0, row.x1, row.y1, likelihood=likelihood,
+                       decode=lambda allowed: ("民族鑫", 0.8, ()))
     r = extract(boxes)
     assert r.fields["ethnicity"] == "畲"
-    assert len(asked) == 56 and all(a.startswith("民族") for a in asked)
+    assert len(asked) == 57 and all(a.startswith("民族") for a in asked)  # the 56, and none
     # without an engine to ask, what was read is kept (and is no official name)
     boxes[2] = box("民族鑫", row.x0, row.y0, row.x1)
     assert extract(boxes).fields["ethnicity"] == "鑫"
@@ -245,3 +246,23 @@ def test_a_value_cut_short_asks_for_a_look_further_right() -> None:
     assert 540 < x0 < 570 < x1
     r = extract([*boxes, box(".12", x0, 450, x0 + 40)], side="back")
     assert r.fields["valid_to"] == "2035-08-12"
+
+
+def test_an_address_ending_in_a_number_asks_for_a_look_below() -> None:
+    boxes = front_merged()
+    boxes[4] = box("住址云南省昆明市五华区人民路272", 50, 230, 480)
+    del boxes[5]  # the wrapped 号 was not detected
+    r = extract(boxes)
+    assert r.fields["domicile"] == "云南省昆明市五华区人民路272"
+    (x0, y0, x1, y1), _ = r.retry["domicile"]
+    assert 80 < x0 < 160 < x1 and 260 < y0 < y1 < 310
+    r = extract([*boxes, box("号", 145, 272, 170)], side="front")
+    assert r.fields["domicile"] == "云南省昆明市五华区人民路272号" and not r.retry
+
+
+def test_strokes_in_front_of_an_address_or_an_authority_are_not_read_into_them() -> None:
+    boxes = front_merged()
+    boxes[4] = box("住址一北京市朝阳区人民路12号", 50, 230, 480)
+    assert extract(boxes).fields["domicile"].startswith("北京市")
+    back = [box("签发机关一拉萨市公安局城关分局", 150, 370, 640), box("有效期限2015.08.12-长期", 150, 450, 560)]
+    assert extract(back).fields["issue_authority"] == "拉萨市公安局城关分局"
