@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.cardgen import BACK, FRONT, make_sample  # noqa: E402
+from bench.cardgen import BACK, FRONT, make_sample
 
 _provider = None
 
@@ -49,26 +49,49 @@ def _one(job: tuple[int, bool]) -> dict[str, Any]:
     try:
         payload = ImagePayload(data=prepare(data).data)
     except ImageRejected as exc:
-        return {"truth": truth, "side": None, "fields": {}, "outcome": f"rejected:{exc.reason}",
-                "cpu": 0.0, "failed_checks": [], "lines": []}
+        return {
+            "truth": truth,
+            "side": None,
+            "fields": {},
+            "outcome": f"rejected:{exc.reason}",
+            "cpu": 0.0,
+            "failed_checks": [],
+            "lines": [],
+        }
     assert _provider is not None
     t0 = time.thread_time()
     result = _provider.submit(payload)
     cpu = time.thread_time() - t0
-    checks = check_fields(result.side, result.fields, today=dt.date(2026, 11, 29)) if result.side else {}
+    checks = (
+        check_fields(result.side, result.fields, today=dt.date(2026, 11, 29)) if result.side else {}
+    )
     failed = sorted(k for k, c in checks.items() if c["ok"] is False and c["level"] == "error")
-    return {"truth": truth, "side": result.side, "fields": result.fields, "outcome": str(result.outcome),
-            "cpu": cpu, "failed_checks": failed, "lines": (result.raw or {}).get("lines", [])}
+    return {
+        "truth": truth,
+        "side": result.side,
+        "fields": result.fields,
+        "outcome": str(result.outcome),
+        "cpu": cpu,
+        "failed_checks": failed,
+        "lines": (result.raw or {}).get("lines", []),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--show", type=int, default=0, help="print this many wrong fields (truth vs read)")
-    ap.add_argument("--hard", action="store_true",
-                    help="captures beyond usable (tiny, blurred, JPEG 15-40): how errors are flagged")
+    ap.add_argument(
+        "--show", type=int, default=0, help="print this many wrong fields (truth vs read)"
+    )
+    ap.add_argument(
+        "--hard",
+        action="store_true",
+        help="captures beyond usable (tiny, blurred, JPEG 15-40): how errors are flagged",
+    )
     args = ap.parse_args()
 
     seeds = range(args.seed, args.seed + args.images)
@@ -92,8 +115,10 @@ def main() -> None:
             exact = exact and good
             if not good and shown < args.show:
                 shown += 1
-                print(f"  seed {t['seed']} {t['style']} rot {t['rotation']} {k}: "
-                      f"{t['fields'][k]!r} read {r['fields'].get(k)!r} (side {r['side']})")
+                print(
+                    f"  seed {t['seed']} {t['style']} rot {t['rotation']} {k}: "
+                    f"{t['fields'][k]!r} read {r['fields'].get(k)!r} (side {r['side']})"
+                )
         all_exact.append(exact)
         by_group[f"{t['style']}"].append(exact)
         by_group[f"rotation {t['rotation']}"].append(exact)
@@ -110,19 +135,26 @@ def main() -> None:
         return f"{100 * sum(xs) / len(xs):6.2f} % ({sum(xs)}/{len(xs)})" if xs else "   n/a"
 
     cpu = sum(r["cpu"] for r in results)
-    print(f"images: {len(results)} (fronts {len(id_exact)}, backs {len(results) - len(id_exact)}), "
-          f"{args.processes} processes, seeds {args.seed}..{args.seed + args.images - 1}"
-          + (" (hard captures)" if args.hard else ""))
+    print(
+        f"images: {len(results)} (fronts {len(id_exact)}, backs {len(results) - len(id_exact)}), "
+        f"{args.processes} processes, seeds {args.seed}..{args.seed + args.images - 1}"
+        + (" (hard captures)" if args.hard else "")
+    )
     print("outcomes:", dict(Counter(r["outcome"] for r in results)))
     for k in (*FRONT, *BACK):
         print(f"  {k:16s} exact {pct(per_field[k])}")
     print(f"all fields exact     {pct(all_exact)}")
     print(f"ID number exact      {pct(id_exact)} of fronts")
-    print(f"wrong ID flagged     {flagged}/{wrong_ids} by a failed check; {missing_ids} fronts without an ID number")
+    print(
+        f"wrong ID flagged     {flagged}/{wrong_ids} by a failed check; "
+        f"{missing_ids} fronts without an ID number"
+    )
     for g in sorted(by_group):
         print(f"  {g:16s} all exact {pct(by_group[g])}")
-    print(f"CPU per image        {cpu / len(results):.3f} s per core (max {max(r['cpu'] for r in results):.2f} s)")
-    print(f"wall                 {wall:.1f} s, {len(results) / wall:.2f} images/s on {args.processes} processes")
+    worst = max(r["cpu"] for r in results)
+    print(f"CPU per image        {cpu / len(results):.3f} s per core (max {worst:.2f} s)")
+    rate = len(results) / wall
+    print(f"wall                 {wall:.1f} s, {rate:.2f} images/s on {args.processes} processes")
 
 
 if __name__ == "__main__":

@@ -121,13 +121,29 @@ _GIVEN = (
 )
 _SYLLABLES = "阿依古丽买提艾力热合曼努尔江巴吐逊帕米拉扎西卓玛次仁达娃格桑尼玛央金"
 _STREETS = (
-    "人民路", "解放大道", "建设街", "幸福里", "光明巷", "长江路", "新华街", "和平东路", "中山北路",
-    "朝阳大街", "文化路", "青年路", "滨江大道", "学府路", "花园街", "胜利西路", "团结巷", "工农路",
+    "人民路",
+    "解放大道",
+    "建设街",
+    "幸福里",
+    "光明巷",
+    "长江路",
+    "新华街",
+    "和平东路",
+    "中山北路",
+    "朝阳大街",
+    "文化路",
+    "青年路",
+    "滨江大道",
+    "学府路",
+    "花园街",
+    "胜利西路",
+    "团结巷",
+    "工农路",
 )
 _VILLAGES = ("东风村", "红旗村", "新民村", "张家庄", "李家湾", "河西村", "五里铺", "杨柳村")
 _TOWNS = ("城关镇", "新安镇", "永和乡", "白沙镇", "清水乡", "石桥镇")
 
-_ETHNIC_RARE = (
+_ETHNIC_RARE = (  # noqa: SIM905 - a word list reads better as one string
     "蒙古 回 藏 维吾尔 苗 彝 壮 布依 朝鲜 满 侗 瑶 白 土家 哈尼 哈萨克 傣 黎 傈僳 佤 畲 高山 拉祜 水 "
     "东乡 纳西 景颇 柯尔克孜 土 达斡尔 仫佬 羌 布朗 撒拉 毛南 仡佬 锡伯 阿昌 普米 塔吉克 怒 乌孜别克 "
     "俄罗斯 鄂温克 德昂 保安 裕固 京 塔塔尔 独龙 鄂伦春 赫哲 门巴 珞巴 基诺"
@@ -169,11 +185,14 @@ def _name(rng: random.Random) -> str:
 
 def _address(rng: random.Random, place: str) -> str:
     if rng.random() < 0.3:
-        tail = f"{rng.choice(_TOWNS)}{rng.choice(_VILLAGES)}{rng.randint(1, 12)}组{rng.randint(1, 99)}号"
+        village = f"{rng.choice(_TOWNS)}{rng.choice(_VILLAGES)}"
+        tail = f"{village}{rng.randint(1, 12)}组{rng.randint(1, 99)}号"
     else:
         tail = f"{rng.choice(_STREETS)}{rng.randint(1, 999)}号"
         if rng.random() < 0.6:
-            tail += f"{rng.randint(1, 40)}栋{rng.randint(1, 6)}单元{rng.randint(1, 33)}{rng.randint(1, 6):02d}室"
+            building, unit = rng.randint(1, 40), rng.randint(1, 6)
+            room = f"{rng.randint(1, 33)}{rng.randint(1, 6):02d}"
+            tail += f"{building}栋{unit}单元{room}室"
         elif rng.random() < 0.5:
             tail += f"附{rng.randint(1, 30)}号"
     return place + tail
@@ -184,11 +203,14 @@ def random_person(rng: random.Random) -> dict[str, str]:
     born = dt.date(1940, 1, 1) + dt.timedelta(days=rng.randrange(365 * 70))
     code, place, authority = rng.choice(_REGIONS)
     gender = rng.choice("男女")
-    seq = rng.randint(0, 99) * 10 + rng.choice((1, 3, 5, 7, 9) if gender == "男" else (0, 2, 4, 6, 8))
+    seq = rng.randint(0, 99) * 10 + rng.choice(
+        (1, 3, 5, 7, 9) if gender == "男" else (0, 2, 4, 6, 8)
+    )
     first17 = f"{code}{born:%Y%m%d}{seq:03d}"
     ethnicity = "汉" if rng.random() < 0.6 else rng.choice(_ETHNIC_RARE)
-    issued = born + dt.timedelta(days=rng.randrange(
-        max(1, min((dt.date(2026, 6, 1) - born).days, 365 * 30))))
+    issued = born + dt.timedelta(
+        days=rng.randrange(max(1, min((dt.date(2026, 6, 1) - born).days, 365 * 30)))
+    )
     issued = max(issued, dt.date(2004, 1, 1) + dt.timedelta(days=rng.randrange(365)))
     age = issued.year - born.year - ((issued.month, issued.day) < (born.month, born.day))
     years = _period_years(age)
@@ -230,7 +252,7 @@ class _Style:
 
 def _style(rng: random.Random) -> _Style:
     have = fonts()
-    pick = lambda faces: rng.choice([f for f in faces if f in have] or list(have))  # noqa: E731
+    pick = lambda faces: rng.choice([f for f in faces if f in have] or list(have))
     label_size = rng.randint(22, 27)
     return _Style(
         label_face=pick(_LABEL_FACES),
@@ -247,8 +269,15 @@ def _style(rng: random.Random) -> _Style:
     )
 
 
-def _text(draw: ImageDraw.ImageDraw, x: float, y: float, s: str, font: ImageFont.FreeTypeFont,
-          fill: tuple[int, int, int], tracking: float = 0.0) -> float:
+def _text(
+    draw: ImageDraw.ImageDraw,
+    x: float,
+    y: float,
+    s: str,
+    font: ImageFont.FreeTypeFont,
+    fill: tuple[int, int, int],
+    tracking: float = 0.0,
+) -> float:
     """Draw ``s`` with extra spacing (in em); returns the x after it."""
     em = font.size
     for ch in s:
@@ -274,7 +303,9 @@ def _wrap(s: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
 
 def _background(rng: random.Random) -> Image.Image:
     y, x = np.mgrid[0:H, 0:W].astype(np.float32)
-    base = np.array([rng.randint(215, 245), rng.randint(225, 245), rng.randint(230, 250)], np.float32)
+    base = np.array(
+        [rng.randint(215, 245), rng.randint(225, 245), rng.randint(230, 250)], np.float32
+    )
     tint = np.array([rng.randint(-25, 10), rng.randint(-15, 10), rng.randint(-10, 15)], np.float32)
     t = (x / W * rng.uniform(0.3, 1.0) + y / H * rng.uniform(0.0, 0.7))[..., None]
     img = np.clip(base + tint * t, 0, 255).astype(np.uint8)
@@ -290,8 +321,10 @@ def _background(rng: random.Random) -> Image.Image:
     cx, cy = rng.uniform(0.3, 0.7) * W, rng.uniform(0.3, 0.7) * H
     for k in range(rng.randint(0, 10)):
         r = 30 + 12 * k
-        d.ellipse((cx - r, cy - r * 0.8, cx + r, cy + r * 0.8),
-                  outline=(rng.randint(200, 235), rng.randint(185, 215), rng.randint(160, 200)))
+        d.ellipse(
+            (cx - r, cy - r * 0.8, cx + r, cy + r * 0.8),
+            outline=(rng.randint(200, 235), rng.randint(185, 215), rng.randint(160, 200)),
+        )
     return im
 
 
@@ -299,14 +332,20 @@ def _portrait(im: Image.Image, rng: random.Random, box: tuple[int, int, int, int
     """A drawn silhouette, clipped to its frame."""
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
-    tile = Image.new("RGB", (w, h), (rng.randint(200, 240), rng.randint(215, 240), rng.randint(225, 250)))
+    tile = Image.new(
+        "RGB", (w, h), (rng.randint(200, 240), rng.randint(215, 240), rng.randint(225, 250))
+    )
     d = ImageDraw.Draw(tile)
     cx = w / 2
     skin = (rng.randint(200, 240), rng.randint(160, 200), rng.randint(130, 170))
-    d.ellipse((w * 0.05, h * 0.62, w * 0.95, h * 1.4),
-              fill=(rng.randint(20, 90), rng.randint(30, 90), rng.randint(60, 120)))
+    d.ellipse(
+        (w * 0.05, h * 0.62, w * 0.95, h * 1.4),
+        fill=(rng.randint(20, 90), rng.randint(30, 90), rng.randint(60, 120)),
+    )
     d.ellipse((cx - w * 0.22, h * 0.15, cx + w * 0.22, h * 0.55), fill=skin)
-    d.chord((cx - w * 0.24, h * 0.1, cx + w * 0.24, h * 0.4), 180, 360, fill=(rng.randint(10, 60),) * 3)
+    d.chord(
+        (cx - w * 0.24, h * 0.1, cx + w * 0.24, h * 0.4), 180, 360, fill=(rng.randint(10, 60),) * 3
+    )
     im.paste(tile, (x0, y0))
 
 
@@ -350,8 +389,15 @@ def _draw_front(im: Image.Image, f: dict[str, str], st: _Style, rng: random.Rand
         _text(d, start, y - 1 + i * st.value_size * 1.45, line, vf, st.value_rgb)
     y = H - 80 + st.dy // 2
     x = _text(d, lx, y + 4, "公民身份号码", lf, st.label_rgb, min(st.tracking, 0.3))
-    _text(d, max(x + 30, 290 + st.dx), y, f["id_number"], idf, st.value_rgb,
-          rng.choice((0.02, 0.08, 0.15)))
+    _text(
+        d,
+        max(x + 30, 290 + st.dx),
+        y,
+        f["id_number"],
+        idf,
+        st.value_rgb,
+        rng.choice((0.02, 0.08, 0.15)),
+    )
 
 
 def _draw_back(im: Image.Image, f: dict[str, str], st: _Style, rng: random.Random) -> None:
@@ -399,7 +445,9 @@ def render_card(fields: dict[str, str], side: str, rng: random.Random) -> Image.
 def _busy_background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
     w, h = size
     base = np.array([rng.randint(40, 220) for _ in range(3)], np.float32)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(4, 18), (h // 8 + 1, w // 8 + 1, 3))
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(
+        0, rng.uniform(4, 18), (h // 8 + 1, w // 8 + 1, 3)
+    )
     small = np.clip(base + noise, 0, 255).astype(np.uint8)
     im = Image.fromarray(small, "RGB").resize((w, h), Image.BICUBIC)
     d = ImageDraw.Draw(im)
@@ -407,9 +455,13 @@ def _busy_background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
         x0, y0 = rng.randrange(w), rng.randrange(h)
         colour = tuple(rng.randint(0, 255) for _ in range(3))
         if rng.random() < 0.5:
-            d.rectangle((x0, y0, x0 + rng.randint(20, w // 3), y0 + rng.randint(20, h // 3)), fill=colour)
+            d.rectangle(
+                (x0, y0, x0 + rng.randint(20, w // 3), y0 + rng.randint(20, h // 3)), fill=colour
+            )
         else:
-            d.line((x0, y0, rng.randrange(w), rng.randrange(h)), fill=colour, width=rng.randint(1, 8))
+            d.line(
+                (x0, y0, rng.randrange(w), rng.randrange(h)), fill=colour, width=rng.randint(1, 8)
+            )
     return im.filter(ImageFilter.GaussianBlur(rng.uniform(0, 2.5)))
 
 
@@ -433,10 +485,19 @@ def _photo(card: Image.Image, rng: random.Random) -> tuple[Image.Image, dict[str
         for px, py in ((-cw / 2, -ch / 2), (cw / 2, -ch / 2), (cw / 2, ch / 2), (-cw / 2, ch / 2)):
             jx, jy = rng.uniform(-0.04, 0.04) * cw, rng.uniform(-0.04, 0.04) * ch  # perspective
             qx, qy = px + jx, py + jy
-            dst.append([cx + qx * math.cos(ang) - qy * math.sin(ang),
-                        cy + qx * math.sin(ang) + qy * math.cos(ang)])
+            dst.append(
+                [
+                    cx + qx * math.cos(ang) - qy * math.sin(ang),
+                    cy + qx * math.sin(ang) + qy * math.cos(ang),
+                ]
+            )
         xs, ys = [p[0] for p in dst], [p[1] for p in dst]
-        if min(xs) > 0.02 * bw and max(xs) < 0.98 * bw and min(ys) > 0.02 * bh and max(ys) < 0.98 * bh:
+        if (
+            min(xs) > 0.02 * bw
+            and max(xs) < 0.98 * bw
+            and min(ys) > 0.02 * bh
+            and max(ys) < 0.98 * bh
+        ):
             break
     else:
         bw, bh = int(bw * 1.3), int(bh * 1.3)
@@ -444,12 +505,16 @@ def _photo(card: Image.Image, rng: random.Random) -> tuple[Image.Image, dict[str
         dst = [[x + 0.15 * bw / 1.3, y + 0.15 * bh / 1.3] for x, y in dst]
     m = cv2.getPerspectiveTransform(src, np.float32(dst))
     rgba = np.asarray(card)
-    warped = cv2.warpPerspective(rgba, m, (bw, bh), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0))
+    warped = cv2.warpPerspective(
+        rgba, m, (bw, bh), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0)
+    )
     alpha = warped[..., 3:4].astype(np.float32) / 255
     out = np.asarray(bg, np.float32) * (1 - alpha) + warped[..., :3].astype(np.float32) * alpha
     # uneven light and sensor noise
     yy, xx = np.mgrid[0:bh, 0:bw].astype(np.float32)
-    light = 1 + rng.uniform(-0.25, 0.15) * ((xx / bw - rng.random()) ** 2 + (yy / bh - rng.random()) ** 2)
+    light = 1 + rng.uniform(-0.25, 0.15) * (
+        (xx / bw - rng.random()) ** 2 + (yy / bh - rng.random()) ** 2
+    )
     out = out * light[..., None] * rng.uniform(0.8, 1.1)
     out += np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(1, 6), out.shape)
     im = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGB")
@@ -460,8 +525,11 @@ def _scan(card: Image.Image, rng: random.Random) -> tuple[Image.Image, dict[str,
     cw = rng.randint(640, 1200)
     im = card.resize((cw, round(cw * H / W)), Image.LANCZOS)
     pad = rng.randint(0, 40)
-    page = Image.new("RGB", (im.width + 2 * pad, im.height + 2 * pad),
-                     tuple(rng.randint(225, 255) for _ in range(3)))
+    page = Image.new(
+        "RGB",
+        (im.width + 2 * pad, im.height + 2 * pad),
+        tuple(rng.randint(225, 255) for _ in range(3)),
+    )
     page.paste(im, (pad, pad), im)
     skew = rng.uniform(-2.5, 2.5)
     page = page.rotate(skew, resample=Image.BICUBIC, expand=True, fillcolor=(250, 250, 250))
@@ -477,8 +545,14 @@ def make_background(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(seed: int, side: str | None = None, style: str | None = None,
-                rotation: int | None = None, *, hard: bool = False) -> tuple[bytes, dict[str, Any]]:
+def make_sample(
+    seed: int,
+    side: str | None = None,
+    style: str | None = None,
+    rotation: int | None = None,
+    *,
+    hard: bool = False,
+) -> tuple[bytes, dict[str, Any]]:
     """One image (JPEG bytes) and its truth: ``{"side", "fields", "style", "rotation", ...}``.
     ``side``, ``style`` ("scan" | "photo") and ``rotation`` (0/90/180/270) are drawn from the
     seed unless given. ``hard``: beyond what a usable capture looks like — the card 380–520 px
@@ -510,6 +584,15 @@ def make_sample(seed: int, side: str | None = None, style: str | None = None,
     quality = rng.randint(15, 40) if hard else rng.randint(35, 92)
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality)
-    truth = {"side": side, "fields": fields, "style": style, "rotation": rotation,
-             "blur": blur, "jpeg_quality": quality, "seed": seed, "hard": hard, **info}
+    truth = {
+        "side": side,
+        "fields": fields,
+        "style": style,
+        "rotation": rotation,
+        "blur": blur,
+        "jpeg_quality": quality,
+        "seed": seed,
+        "hard": hard,
+        **info,
+    }
     return buf.getvalue(), truth

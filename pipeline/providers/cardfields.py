@@ -83,14 +83,16 @@ class CardReading:
     why: str = ""
     #: fields whose label was found but no value beside it (the detector can miss a lone
     #: character): where to look again, in the upright frame (x0, y0, x1, y1), and within what
-    retry: dict[str, tuple[tuple[float, float, float, float], Allowed]] = field(default_factory=dict)
+    retry: dict[str, tuple[tuple[float, float, float, float], Allowed]] = field(
+        default_factory=dict
+    )
 
 
 #: the 56 ethnic groups as the card prints them (without 族), longest first so that 土家 is
 #: preferred to 土 and 蒙古 to nothing
 ETHNICITIES: tuple[str, ...] = tuple(
     sorted(
-        (
+        (  # noqa: SIM905 - a word list reads better as one string
             "汉 蒙古 回 藏 维吾尔 苗 彝 壮 布依 朝鲜 满 侗 瑶 白 土家 哈尼 哈萨克 傣 黎 傈僳 佤 畲 "
             "高山 拉祜 水 东乡 纳西 景颇 柯尔克孜 土 达斡尔 仫佬 羌 布朗 撒拉 毛南 仡佬 锡伯 阿昌 "
             "普米 塔吉克 怒 乌孜别克 俄罗斯 鄂温克 德昂 保安 裕固 京 塔塔尔 独龙 鄂伦春 赫哲 门巴 "
@@ -122,18 +124,53 @@ _BACK_TITLES = ("中华人民共和国", "居民身份证")
 # Look-alikes the recogniser emits inside an ID number (the charset is [0-9X]).
 _ID_LOOKALIKE = str.maketrans(
     {
-        "O": "0", "o": "0", "D": "0", "Q": "0", "U": "0", "〇": "0",
-        "I": "1", "l": "1", "i": "1", "|": "1", "!": "1", "J": "1", "L": "1",
-        "Z": "2", "z": "2", "S": "5", "s": "5", "B": "8", "b": "6", "G": "6",
-        "g": "9", "q": "9", "T": "7", "x": "X", "×": "X", "メ": "X", "Ⅹ": "X",
+        "O": "0",
+        "o": "0",
+        "D": "0",
+        "Q": "0",
+        "U": "0",
+        "〇": "0",
+        "I": "1",
+        "l": "1",
+        "i": "1",
+        "|": "1",
+        "!": "1",
+        "J": "1",
+        "L": "1",
+        "Z": "2",
+        "z": "2",
+        "S": "5",
+        "s": "5",
+        "B": "8",
+        "b": "6",
+        "G": "6",
+        "g": "9",
+        "q": "9",
+        "T": "7",
+        "x": "X",
+        "×": "X",
+        "メ": "X",
+        "Ⅹ": "X",
     }
 )
 # The same for dates, where X is no digit.
 _DIGIT_LOOKALIKE = str.maketrans(
     {
-        "O": "0", "o": "0", "D": "0", "Q": "0", "〇": "0",
-        "I": "1", "l": "1", "i": "1", "|": "1", "!": "1",
-        "Z": "2", "z": "2", "S": "5", "s": "5", "B": "8",
+        "O": "0",
+        "o": "0",
+        "D": "0",
+        "Q": "0",
+        "〇": "0",
+        "I": "1",
+        "l": "1",
+        "i": "1",
+        "|": "1",
+        "!": "1",
+        "Z": "2",
+        "z": "2",
+        "S": "5",
+        "s": "5",
+        "B": "8",
     }
 )
 _GENDER_LOOKALIKE = {"男": "男", "女": "女", "另": "男", "勇": "男", "田": "男", "安": "女"}
@@ -208,10 +245,14 @@ def _row_chars(boxes: Sequence[TextBox], band: Sequence[int]) -> list[_Char]:
     """The row's characters left to right. A box lying within another (a second look at a
     stretch already partly read) is dropped; where two boxes overlap (the detector cut one line
     twice), the earlier box's characters inside the later box are: read once, not twice."""
+
     def within(inner: TextBox, outer: TextBox) -> bool:
         tol = 0.3 * outer.height
-        return outer.x0 - tol <= inner.x0 and inner.x1 <= outer.x1 + tol and (
-            (inner.x1 - inner.x0, len(inner.text)) < (outer.x1 - outer.x0, len(outer.text)))
+        return (
+            outer.x0 - tol <= inner.x0
+            and inner.x1 <= outer.x1 + tol
+            and ((inner.x1 - inner.x0, len(inner.text)) < (outer.x1 - outer.x0, len(outer.text)))
+        )
 
     band = [j for j in band if not any(k != j and within(boxes[j], boxes[k]) for k in band)]
     chars: list[_Char] = []
@@ -281,8 +322,9 @@ def _find_label(row: _Row, label: str, row_index: int, *, anywhere: bool = True)
     )
 
 
-def _match_label(row: _Row, label: str, row_index: int, anywhere: bool, strays: str,
-                 fuzzy: bool) -> _Label | None:
+def _match_label(
+    row: _Row, label: str, row_index: int, anywhere: bool, strays: str, fuzzy: bool
+) -> _Label | None:
     cjk = [i for i, c in enumerate(row.chars) if _is_cjk(c.ch) and c.ch not in strays]
     seq = "".join(row.chars[i].ch for i in cjk)
     n = len(label)
@@ -294,12 +336,15 @@ def _match_label(row: _Row, label: str, row_index: int, anywhere: bool, strays: 
     if not fuzzy:
         return None
     allowed = 2 if n >= 6 else 1
-    if n == 2 and seq and not anywhere and (seq[0] == label[1] or (
-            seq[0] == label[0] and seq[1:2] != label[1:])):
-        # one character of a two-character label lost (not detected, or read as something
-        # else): its other character opening the row still marks where the value starts
-        if seq[:2] != label:
-            return _Label(row_index, cjk[0], cjk[0] + 1, False)
+    # one character of a two-character label lost (not detected, or read as something else):
+    # its other character opening the row still marks where the value starts
+    if (
+        n == 2
+        and seq[:2] != label
+        and not anywhere
+        and (seq[:1] == label[1] or (seq[:1] == label[0] and seq[1:2] != label[1:]))
+    ):
+        return _Label(row_index, cjk[0], cjk[0] + 1, False)
     for p in positions:
         if n == 2 and p > 0:
             break
@@ -310,8 +355,9 @@ def _match_label(row: _Row, label: str, row_index: int, anywhere: bool, strays: 
     return None
 
 
-def _first_label(rows: list[_Row], label: str, *, anywhere: bool = True,
-                 candidates: Sequence[int] | None = None) -> _Label | None:
+def _first_label(
+    rows: list[_Row], label: str, *, anywhere: bool = True, candidates: Sequence[int] | None = None
+) -> _Label | None:
     idx = range(len(rows)) if candidates is None else candidates
     exact = fuzzy = None
     for r in idx:
@@ -418,9 +464,11 @@ def clean_period(text: str) -> tuple[str | None, str | None]:
         if len(digits) >= 8:
             dates = [(_to_iso(digits[:4], digits[4:6], digits[6:8]) or digits[:8], len(t))]
             if len(digits) >= 16:
-                dates.append((_to_iso(digits[8:12], digits[12:14], digits[14:16]) or digits[8:16], len(t)))
+                dates.append(
+                    (_to_iso(digits[8:12], digits[12:14], digits[14:16]) or digits[8:16], len(t))
+                )
     valid_from = dates[0][0] if dates else None
-    tail = t[dates[0][1]:] if dates else t
+    tail = t[dates[0][1] :] if dates else t
     if len(dates) >= 2:
         valid_to: str | None = dates[1][0]
     elif "长" in tail or "期" in tail:
@@ -440,7 +488,7 @@ def clean_name(text: str) -> str | None:
     # a label read again at the start ("姓名" in a second box) is not the name
     for remnant in (_LABEL_NAME, "名"):
         if kept.startswith(remnant) and len(kept) - len(remnant) >= 2:
-            kept = kept[len(remnant):]
+            kept = kept[len(remnant) :]
             break
     # strokes of the background read as characters (一 and 乙 are real given names)
     kept = kept.strip("丨丿丶亅").lstrip(_LEADING_STROKES)
@@ -519,7 +567,9 @@ _BIRTH_ROW = re.compile(r"\d{4}\D{0,2}年|年\D{0,2}\d{1,2}\D{0,2}月")
 _PERIOD_ROW = re.compile(r"\d{4}\D?\d{2}\D?\d{2}")
 
 
-def _after(row: _Row, label: _Label | None, value_x: float | None, label_text: str = "") -> list[_Char]:
+def _after(
+    row: _Row, label: _Label | None, value_x: float | None, label_text: str = ""
+) -> list[_Char]:
     """The row's characters right of its label; without a label found, those right of the
     label column, less any of the label's characters opening them."""
     if label is not None:
@@ -582,8 +632,14 @@ def _relabel(rows: list[_Row], label: _Label | None, text: str, anywhere: bool) 
     return _find_label(rows[label.row], text, label.row, anywhere=anywhere) or label
 
 
-def _look_again(out: CardReading, row: _Row, label: _Label | None, next_label: _Label | None,
-                key: str, allowed: str) -> None:
+def _look_again(
+    out: CardReading,
+    row: _Row,
+    label: _Label | None,
+    next_label: _Label | None,
+    key: str,
+    allowed: str,
+) -> None:
     """A field with its label read but no value: the label and the stretch right of it, up to
     the next label (or a few characters on), to be read again within the label's and the
     field's characters. The label is part of it so that a value whose first character the
@@ -592,8 +648,11 @@ def _look_again(out: CardReading, row: _Row, label: _Label | None, next_label: _
         return
     h = row.height
     x0 = row.chars[label.start].x - 0.6 * h
-    x1 = row.chars[next_label.start].x - 0.6 * h if next_label is not None else \
-        row.chars[label.end - 1].x + 5.5 * h
+    x1 = (
+        row.chars[next_label.start].x - 0.6 * h
+        if next_label is not None
+        else row.chars[label.end - 1].x + 5.5 * h
+    )
     if x1 - row.chars[label.end - 1].x < 1.2 * h:
         return
     text = "".join(c.ch for c in row.chars[label.start : label.end])
@@ -617,8 +676,13 @@ def _look_below(out: CardReading, last: _Row, left: float, key: str, allowed: Al
     out.retry[key] = ((left - 0.8 * h, last.y1 + 0.1 * h, left + 4 * h, last.y1 + 1.5 * h), allowed)
 
 
-def _best_reading(boxes: list[TextBox], row: _Row, holder: int | None, label: _Label | None,
-                  candidates: Sequence[str]) -> str | None:
+def _best_reading(
+    boxes: list[TextBox],
+    row: _Row,
+    holder: int | None,
+    label: _Label | None,
+    candidates: Sequence[str],
+) -> str | None:
     """The candidate that, after the box's text before the value, best explains the line (by
     the engine's likelihood, per character). None where the engine cannot score, or where even
     the best one explains the line little better than nothing at all (:data:`MIN_GAIN_PER_CHAR`)."""
@@ -642,10 +706,12 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
     # The ID number row: its label, else the lowest row carrying an 18-character run.
     id_label = _first_label(rows, _LABEL_ID)
     id_row = id_label.row if id_label else None
-    if id_row is not None and not _ID_ROW.search(texts[id_row].translate(_ID_LOOKALIKE)):
-        # the number printed on the line below its label
-        if id_row + 1 < len(rows) and _ID_ROW.search(texts[id_row + 1].translate(_ID_LOOKALIKE)):
-            id_row, id_label = id_row + 1, None
+
+    def has_number(r: int) -> bool:
+        return r < len(rows) and bool(_ID_ROW.search(texts[r].translate(_ID_LOOKALIKE)))
+
+    if id_row is not None and not has_number(id_row) and has_number(id_row + 1):
+        id_row, id_label = id_row + 1, None  # the number printed on the line below its label
     if id_row is None:
         runs = [i for i, t in enumerate(texts) if _ID_ROW.search(t.translate(_ID_LOOKALIKE))]
         id_row = runs[-1] if runs else None
@@ -668,9 +734,12 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
     if gender_row is None and name_row is not None and name_row + 1 < len(rows):
         gender_row = name_row + 1
     addr_row = addr_l.row if addr_l else None
-    if addr_row is None and birth_row is not None and birth_row + 1 < len(rows):
-        if id_row is None or birth_row + 1 < id_row:
-            addr_row = birth_row + 1
+    if (
+        addr_row is None
+        and birth_row is not None
+        and birth_row + 1 < (id_row if id_row is not None else len(rows))
+    ):
+        addr_row = birth_row + 1
     if birth_row is None and addr_row is not None and addr_row > 0:
         birth_row = addr_row - 1
     if eth_l is not None and eth_l.row != gender_row:
@@ -679,8 +748,12 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
     addr_rows = list(range(addr_row, stop)) if addr_row is not None else []
 
     # Each row decoded again within what it can print; its label found again in the new text.
-    for r, allowed in ((id_row, _ID_SET), (gender_row, _GENDER_SET), (birth_row, _BIRTH_SET),
-                       (name_row, _name_char)):
+    for r, allowed in (
+        (id_row, _ID_SET),
+        (gender_row, _GENDER_SET),
+        (birth_row, _BIRTH_SET),
+        (name_row, _name_char),
+    ):
         if r is not None:
             _constrain(rows, boxes, r, allowed)
     for r in addr_rows:
@@ -721,17 +794,25 @@ def _front(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
             e_chars = row.chars[eth_l.end :]
         else:
             # no label read: what follows the gender character, minus label remnants
-            gpos = next((i for i, c in enumerate(row.chars[start:], start)
-                         if c.ch in _GENDER_LOOKALIKE), None)
-            e_chars = [c for c in row.chars[(gpos + 1 if gpos is not None else start):]
-                       if c.ch not in "民族"]
+            gpos = next(
+                (i for i, c in enumerate(row.chars[start:], start) if c.ch in _GENDER_LOOKALIKE),
+                None,
+            )
+            e_chars = [
+                c
+                for c in row.chars[(gpos + 1 if gpos is not None else start) :]
+                if c.ch not in "民族"
+            ]
         ev = _take(_contiguous([c for c in e_chars if _is_cjk(c.ch)], row.height))
         eth = clean_ethnicity(ev.text)
         if eth not in ETHNICITIES:
             # None of the 56 read (or nothing within their characters): where the line shows
             # something after the label, the official name that best explains it wins.
-            holder = min(ev.boxes) if ev.boxes else (
-                row.chars[eth_l.end - 1].box if eth_l is not None else None)
+            holder = (
+                min(ev.boxes)
+                if ev.boxes
+                else (row.chars[eth_l.end - 1].box if eth_l is not None else None)
+            )
             scored = _best_reading(boxes, row, holder, eth_l, ETHNICITIES)
             if scored is not None:
                 eth, ev = scored, _Value(scored, {holder} if holder is not None else set())
@@ -779,13 +860,17 @@ def _back(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
     period_l = _first_label(rows, _LABEL_PERIOD)
     period_row = period_l.row if period_l else None
     period_top = period_row  # the period's label row, which may sit above the value
-    if period_row is not None and not _PERIOD_ROW.search(texts[period_row].translate(_DIGIT_LOOKALIKE)):
+    if period_row is not None and not _PERIOD_ROW.search(
+        texts[period_row].translate(_DIGIT_LOOKALIKE)
+    ):
         # the period printed on the line below its label
         nxt = period_row + 1
         if nxt < len(rows) and _PERIOD_ROW.search(texts[nxt].translate(_DIGIT_LOOKALIKE)):
             period_row, period_l = nxt, None
     if period_row is None:
-        dated = [i for i, t in enumerate(texts) if _PERIOD_ROW.search(t.translate(_DIGIT_LOOKALIKE))]
+        dated = [
+            i for i, t in enumerate(texts) if _PERIOD_ROW.search(t.translate(_DIGIT_LOOKALIKE))
+        ]
         period_row = period_top = dated[-1] if dated else None
     auth_row = auth_l.row if auth_l else None
     if auth_row is None and period_top is not None and period_top > 0:
@@ -809,7 +894,9 @@ def _back(rows: list[_Row], boxes: list[TextBox]) -> CardReading:
         chars = list(_after(row, auth_l, value_x, _LABEL_AUTHORITY))
         left = min((c.x for c in chars), default=value_x)
         for r in auth_rows[1:]:
-            chars.extend(c for c in rows[r].chars if left is None or c.x >= left - 1.5 * rows[r].height)
+            chars.extend(
+                c for c in rows[r].chars if left is None or c.x >= left - 1.5 * rows[r].height
+            )
         v = _take(chars)
         cleaned = clean_authority(v.text)
         if cleaned:
@@ -838,8 +925,15 @@ def side_scores(rows: list[_Row]) -> tuple[int, int]:
     """(front, back) anchor counts: labels found, plus the content only one side prints."""
     texts = [r.text for r in rows]
     front = sum(
-        1 for label in (_LABEL_NAME, _LABEL_GENDER, _LABEL_ETHNICITY, _LABEL_BIRTH,
-                        _LABEL_ADDRESS, _LABEL_ID)
+        1
+        for label in (
+            _LABEL_NAME,
+            _LABEL_GENDER,
+            _LABEL_ETHNICITY,
+            _LABEL_BIRTH,
+            _LABEL_ADDRESS,
+            _LABEL_ID,
+        )
         if _first_label(rows, label) is not None
     )
     if any(_ID_ROW.search(t.translate(_ID_LOOKALIKE)) for t in texts):
@@ -847,11 +941,17 @@ def side_scores(rows: list[_Row]) -> tuple[int, int]:
     if any(_BIRTH_ROW.search(t) for t in texts):
         front += 1
     back = sum(
-        1 for label in (_LABEL_AUTHORITY, _LABEL_PERIOD, *_BACK_TITLES)
+        1
+        for label in (_LABEL_AUTHORITY, _LABEL_PERIOD, *_BACK_TITLES)
         if _first_label(rows, label) is not None
     )
-    if any(re.search(r"\d{4}\D?\d{2}\D?\d{2}.{0,3}(\d{4}\D?\d{2}\D?\d{2}|长期)",
-                     t.translate(_DIGIT_LOOKALIKE)) for t in texts):
+    if any(
+        re.search(
+            r"\d{4}\D?\d{2}\D?\d{2}.{0,3}(\d{4}\D?\d{2}\D?\d{2}|长期)",
+            t.translate(_DIGIT_LOOKALIKE),
+        )
+        for t in texts
+    ):
         back += 2
     if any("公安" in t for t in texts):
         back += 1

@@ -104,8 +104,10 @@ class CardOCR:
         self._cv2 = cv2
         # One thread per model run: the worker already runs several images at once.
         self._engine = RapidOCR(
-            intra_op_num_threads=1, inter_op_num_threads=1,
-            det_thresh=DET_THRESH, det_box_thresh=DET_BOX_THRESH,
+            intra_op_num_threads=1,
+            inter_op_num_threads=1,
+            det_thresh=DET_THRESH,
+            det_box_thresh=DET_BOX_THRESH,
         )
         det = self._engine.text_det
         self._det = det
@@ -118,8 +120,11 @@ class CardOCR:
     def threads(self) -> dict[str, tuple[int, int]]:
         """(intra-op, inter-op) threads of each model's onnxruntime session."""
         out = {}
-        for name, infer in (("det", self._det.infer), ("cls", self._engine.text_cls.infer),
-                            ("rec", self._engine.text_rec.session)):
+        for name, infer in (
+            ("det", self._det.infer),
+            ("cls", self._engine.text_cls.infer),
+            ("rec", self._engine.text_rec.session),
+        ):
             opts = infer.session.get_session_options()
             out[name] = (opts.intra_op_num_threads, opts.inter_op_num_threads)
         return out
@@ -129,7 +134,8 @@ class CardOCR:
         h, w = img.shape[:2]
         scale = self._det_long_side / max(h, w)
         small = self._cv2.resize(
-            img, (max(32, round(w * scale)), max(32, round(h * scale))),
+            img,
+            (max(32, round(w * scale)), max(32, round(h * scale))),
             interpolation=self._cv2.INTER_AREA if scale < 1 else self._cv2.INTER_LINEAR,
         )
         tensor = self._det_pre(small)
@@ -162,7 +168,10 @@ class CardOCR:
         dst = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32)
         m = self._cv2.getPerspectiveTransform(src, dst)
         return self._cv2.warpPerspective(
-            img, m, (width, height), borderMode=self._cv2.BORDER_REPLICATE,
+            img,
+            m,
+            (width, height),
+            borderMode=self._cv2.BORDER_REPLICATE,
             flags=self._cv2.INTER_CUBIC,
         )
 
@@ -196,10 +205,16 @@ class CardOCR:
         if max(h, w) <= REC_LONG_SIDE:
             return img
         s = REC_LONG_SIDE / max(h, w)
-        return self._cv2.resize(img, (round(w * s), round(h * s)), interpolation=self._cv2.INTER_AREA)
+        return self._cv2.resize(
+            img, (round(w * s), round(h * s)), interpolation=self._cv2.INTER_AREA
+        )
 
-    def reread(self, img: np.ndarray, theta: float,
-               regions: dict[str, tuple[tuple[float, float, float, float], Allowed]]) -> list[TextBox]:
+    def reread(
+        self,
+        img: np.ndarray,
+        theta: float,
+        regions: dict[str, tuple[tuple[float, float, float, float], Allowed]],
+    ) -> list[TextBox]:
         """Read rectangles of the upright frame again, each within its own characters (a lone
         character the detector missed); what is read is returned as boxes."""
         t = math.radians(theta)
@@ -209,7 +224,12 @@ class CardOCR:
             pts = [(u0, v0), (u1, v0), (u1, v1), (u0, v1)]
             quad = np.array([[u * c - v * s, u * s + v * c] for u, v in pts], np.float32)
             h, w = img.shape[:2]
-            if quad[:, 0].max() < 0 or quad[:, 1].max() < 0 or quad[:, 0].min() > w or quad[:, 1].min() > h:
+            if (
+                quad[:, 0].max() < 0
+                or quad[:, 1].max() < 0
+                or quad[:, 0].min() > w
+                or quad[:, 1].min() > h
+            ):
                 continue
             names.append(name)
             crops.append(self._crop(img, quad, theta))
@@ -218,9 +238,19 @@ class CardOCR:
         for name, line, (u0, v0, u1, v1) in zip(names, self._recognise(crops), bounds, strict=True):
             text, score, pos = line.decode(regions[name][1])
             if text:
-                out.append(TextBox(text, score, u0, v0, u1, v1,
-                                   char_x=tuple(u0 + p * (u1 - u0) for p in pos),
-                                   decode=_Redecoder(line, u0, u1), likelihood=line.log_likelihood))
+                out.append(
+                    TextBox(
+                        text,
+                        score,
+                        u0,
+                        v0,
+                        u1,
+                        v1,
+                        char_x=tuple(u0 + p * (u1 - u0) for p in pos),
+                        decode=_Redecoder(line, u0, u1),
+                        likelihood=line.log_likelihood,
+                    )
+                )
         return out
 
     def read(self, img: np.ndarray) -> tuple[list[TextBox], float]:
@@ -237,7 +267,9 @@ class CardOCR:
         crops = [self._crop(img, q, theta) for q in quads]
 
         # 0° or 180°: the direction classifier votes with the longest lines
-        order = sorted(range(len(crops)), key=lambda i: crops[i].shape[1] / crops[i].shape[0], reverse=True)
+        order = sorted(
+            range(len(crops)), key=lambda i: crops[i].shape[1] / crops[i].shape[0], reverse=True
+        )
         sample = [crops[i] for i in order[:VOTE_LINES]]
         _, cls_res, _ = self._engine.text_cls(sample)
         vote = sum(float(s) if str(label) == "180" else -float(s) for label, s in cls_res)
@@ -253,12 +285,19 @@ class CardOCR:
             text, score, pos = line.decode(None)
             if not text:
                 continue
-            boxes.append(TextBox(
-                text, score, x0, float(v.min()), x1, float(v.max()),
-                char_x=tuple(x0 + p * (x1 - x0) for p in pos),
-                decode=_Redecoder(line, x0, x1),
-                likelihood=line.log_likelihood,
-            ))
+            boxes.append(
+                TextBox(
+                    text,
+                    score,
+                    x0,
+                    float(v.min()),
+                    x1,
+                    float(v.max()),
+                    char_x=tuple(x0 + p * (x1 - x0) for p in pos),
+                    decode=_Redecoder(line, x0, x1),
+                    likelihood=line.log_likelihood,
+                )
+            )
         return boxes, theta
 
 
@@ -434,8 +473,9 @@ class LocalOCRClient:
     #: no balance query and no quota: `balance()` makes no request
     has_balance = False
 
-    def __init__(self, *, parallel: int | None = None, timeout: float = 30.0,
-                 name: str = NAME) -> None:
+    def __init__(
+        self, *, parallel: int | None = None, timeout: float = 30.0, name: str = NAME
+    ) -> None:
         self.name = name
         self.account = ACCOUNT
         self._timeout = timeout
@@ -481,13 +521,19 @@ class LocalOCRClient:
             try:
                 data = self._fetch(call.url or "")
             except Exception as exc:  # noqa: BLE001 - the class only: a URL carries a signature
-                return ProviderResult(Outcome.TRANSIENT, FETCH_FAILED_CODE,
-                                      f"cannot fetch the image ({type(exc).__name__})", sent_at=sent)
+                return ProviderResult(
+                    Outcome.TRANSIENT,
+                    FETCH_FAILED_CODE,
+                    f"cannot fetch the image ({type(exc).__name__})",
+                    sent_at=sent,
+                )
         started = time.thread_time()
         try:
             img = decode_image(data)
         except ValueError as exc:
-            return ProviderResult(Outcome.IMAGE, BAD_IMAGE_CODE, str(exc), ocrid=ocrid, sent_at=sent)
+            return ProviderResult(
+                Outcome.IMAGE, BAD_IMAGE_CODE, str(exc), ocrid=ocrid, sent_at=sent
+            )
         try:
             with self._slots:
                 img = self._ocr.fit(img)
@@ -500,8 +546,13 @@ class LocalOCRClient:
                         reading = extract(boxes, side=reading.side)
         except Exception as exc:  # noqa: BLE001 - onnxruntime/OpenCV failures, by class only
             log.warning("local OCR failed (%s)", type(exc).__name__)
-            return ProviderResult(Outcome.ERROR, ENGINE_ERROR_CODE,
-                                  f"the OCR engine failed ({type(exc).__name__})", ocrid=ocrid, sent_at=sent)
+            return ProviderResult(
+                Outcome.ERROR,
+                ENGINE_ERROR_CODE,
+                f"the OCR engine failed ({type(exc).__name__})",
+                ocrid=ocrid,
+                sent_at=sent,
+            )
         finally:
             del img
             if _malloc_trim is not None:
@@ -514,15 +565,23 @@ class LocalOCRClient:
             "fields": reading.fields,
             "confidence": reading.confidence,
             "lines": [
-                {"text": b.text, "score": round(b.score, 4),
-                 "box": [round(b.x0), round(b.y0), round(b.x1), round(b.y1)]}
+                {
+                    "text": b.text,
+                    "score": round(b.score, 4),
+                    "box": [round(b.x0), round(b.y0), round(b.x1), round(b.y1)],
+                }
                 for b in boxes
             ],
         }
         if reading.side is None:
-            return ProviderResult(Outcome.IMAGE, NO_CARD_CODE,
-                                  f"no ID card recognised in the image: {reading.why}",
-                                  ocrid=ocrid, raw=raw, sent_at=sent)
+            return ProviderResult(
+                Outcome.IMAGE,
+                NO_CARD_CODE,
+                f"no ID card recognised in the image: {reading.why}",
+                ocrid=ocrid,
+                raw=raw,
+                sent_at=sent,
+            )
         return ProviderResult(
             outcome=Outcome.OK,
             code=OK_CODE,

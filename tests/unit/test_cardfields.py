@@ -35,28 +35,50 @@ def test_a_front_with_labels_merged_into_values() -> None:
     r = extract(front_merged())
     assert r.side == "front"
     assert r.fields == {
-        "name": "王小明", "gender": "男", "ethnicity": "汉", "date_of_birth": "1990-03-07",
-        "domicile": "北京市朝阳区人民路12号3栋2单元301室", "id_number": ID,
+        "name": "王小明",
+        "gender": "男",
+        "ethnicity": "汉",
+        "date_of_birth": "1990-03-07",
+        "domicile": "北京市朝阳区人民路12号3栋2单元301室",
+        "id_number": ID,
     }
     assert set(r.confidence) == set(r.fields) and all(0 < c <= 1 for c in r.confidence.values())
 
 
 def test_labels_split_from_values_and_into_characters_with_the_boxes_shuffled() -> None:
     boxes = [
-        box("姓", 50, 50, 75), box("名", 100, 50, 125), box("欧阳娜", 150, 48, 250, h=34),
-        box("性", 50, 110, 75), box("别", 100, 110, 125), box("女", 150, 110, 175),
-        box("民", 250, 110, 275), box("族", 300, 110, 325), box("土家", 350, 110, 400),
-        box("出", 50, 170, 75), box("生", 100, 170, 125), box("1985", 150, 170, 210),
-        box("年", 215, 170, 240), box("12", 245, 170, 270), box("月", 275, 170, 300),
-        box("30", 305, 170, 330), box("日", 335, 170, 360),
-        box("住", 50, 230, 75), box("址", 100, 230, 125), box("湖南省湘西土家族苗族自治州", 150, 230, 480),
+        box("姓", 50, 50, 75),
+        box("名", 100, 50, 125),
+        box("欧阳娜", 150, 48, 250, h=34),
+        box("性", 50, 110, 75),
+        box("别", 100, 110, 125),
+        box("女", 150, 110, 175),
+        box("民", 250, 110, 275),
+        box("族", 300, 110, 325),
+        box("土家", 350, 110, 400),
+        box("出", 50, 170, 75),
+        box("生", 100, 170, 125),
+        box("1985", 150, 170, 210),
+        box("年", 215, 170, 240),
+        box("12", 245, 170, 270),
+        box("月", 275, 170, 300),
+        box("30", 305, 170, 330),
+        box("日", 335, 170, 360),
+        box("住", 50, 230, 75),
+        box("址", 100, 230, 125),
+        box("湖南省湘西土家族苗族自治州", 150, 230, 480),
         box("吉首市幸福路8号", 150, 272, 350),
-        box("公民身份号码", 50, 450, 230), box("43310119851230004X", 290, 446, 760),
+        box("公民身份号码", 50, 450, 230),
+        box("43310119851230004X", 290, 446, 760),
     ]
     r = extract(list(reversed(boxes)))
     assert r.fields == {
-        "name": "欧阳娜", "gender": "女", "ethnicity": "土家", "date_of_birth": "1985-12-30",
-        "domicile": "湖南省湘西土家族苗族自治州吉首市幸福路8号", "id_number": "43310119851230004X",
+        "name": "欧阳娜",
+        "gender": "女",
+        "ethnicity": "土家",
+        "date_of_birth": "1985-12-30",
+        "domicile": "湖南省湘西土家族苗族自治州吉首市幸福路8号",
+        "id_number": "43310119851230004X",
     }
 
 
@@ -98,7 +120,11 @@ def test_overlapping_boxes_read_a_character_once() -> None:
 
 @pytest.mark.parametrize(
     ("read", "expected"),
-    [("O110105199003071235", ID), ("11O1O5199OO3O71235", ID), ("11010519900307123x", "11010519900307123X")],
+    [
+        ("O110105199003071235", ID),
+        ("11O1O5199OO3O71235", ID),
+        ("11010519900307123x", "11010519900307123X"),
+    ],
 )
 def test_the_id_number_is_read_within_its_charset(read: str, expected: str) -> None:
     boxes = front_merged()
@@ -109,8 +135,13 @@ def test_the_id_number_is_read_within_its_charset(read: str, expected: str) -> N
 
 def test_ethnicity_is_one_of_the_56_names() -> None:
     assert len(ETHNICITIES) == 56
-    for read, name in (("土家族", "土家"), ("维吾尔", "维吾尔"), ("柯尔克", "柯尔克孜"),
-                       ("柯尔克孜", "柯尔克孜"), ("佬", "佬")):  # 仫佬 or 仡佬: not guessed
+    for read, name in (
+        ("土家族", "土家"),
+        ("维吾尔", "维吾尔"),
+        ("柯尔克", "柯尔克孜"),
+        ("柯尔克孜", "柯尔克孜"),
+        ("佬", "佬"),
+    ):  # 仫佬 or 仡佬: not guessed
         boxes = front_merged()
         boxes[2] = box("民族" + read, 250, 110, 420)
         assert extract(boxes).fields["ethnicity"] == name, read
@@ -146,7 +177,9 @@ def test_a_line_is_decoded_again_within_the_row_charset() -> None:
 
     boxes = front_merged()
     row = boxes[-1]
-    boxes[-1] = TextBox("公民身份号码11O1O5I99OO3O7I2S5", 0.8, row.x0, row.y0, row.x1, row.y1, decode=decode)
+    boxes[-1] = TextBox(
+        "公民身份号码11O1O5I99OO3O7I2S5", 0.8, row.x0, row.y0, row.x1, row.y1, decode=decode
+    )
     r = extract(boxes)
     assert r.fields["id_number"] == ID and r.confidence["id_number"] == pytest.approx(0.97)
     assert seen and set("0123456789X") <= set(str(seen[0]))
@@ -154,15 +187,19 @@ def test_a_line_is_decoded_again_within_the_row_charset() -> None:
 
 def test_a_back_with_a_wrapped_authority() -> None:
     boxes = [
-        box("中华人民共和国", 250, 60, 600, h=40), box("居民身份证", 250, 130, 650, h=60),
+        box("中华人民共和国", 250, 60, 600, h=40),
+        box("居民身份证", 250, 130, 650, h=60),
         box("签发机关乌鲁木齐市公安局天山", 150, 370, 700),
         box("区分局", 300, 405, 380),
         box("有效期限2006.01.03-2026.01.03", 150, 450, 600),
     ]
     r = extract(boxes)
     assert r.side == "back"
-    assert r.fields == {"issue_authority": "乌鲁木齐市公安局天山区分局", "valid_from": "2006-01-03",
-                        "valid_to": "2026-01-03"}
+    assert r.fields == {
+        "issue_authority": "乌鲁木齐市公安局天山区分局",
+        "valid_from": "2006-01-03",
+        "valid_to": "2026-01-03",
+    }
 
 
 @pytest.mark.parametrize(
@@ -187,12 +224,21 @@ def test_the_period_below_its_label_and_the_authority_without_its_label() -> Non
         box("2015.08.12-2035.08.12", 160, 495, 520),
     ]
     r = extract(boxes)
-    assert r.fields == {"issue_authority": "深圳市公安局南山分局", "valid_from": "2015-08-12",
-                        "valid_to": "2035-08-12"}
+    assert r.fields == {
+        "issue_authority": "深圳市公安局南山分局",
+        "valid_from": "2015-08-12",
+        "valid_to": "2035-08-12",
+    }
 
 
 def test_text_that_is_no_id_card_is_no_side() -> None:
-    r = extract([box("发票", 50, 50, 150), box("金额 128.00 元", 50, 110, 300), box("谢谢惠顾", 50, 170, 250)])
+    r = extract(
+        [
+            box("发票", 50, 50, 150),
+            box("金额 128.00 元", 50, 110, 300),
+            box("谢谢惠顾", 50, 170, 250),
+        ]
+    )
     assert r.side is None and r.fields == {} and r.why
     assert extract([]).side is None
 
@@ -214,8 +260,16 @@ def test_an_unknown_ethnicity_is_the_official_name_that_best_explains_the_line()
 
     boxes = front_merged()
     row = boxes[2]
-    boxes[2] = TextBox("民族鑫", 0.8, row.x0, row.y0, row.x1, row.y1, likelihood=likelihood,
-                       decode=lambda allowed: ("民族鑫", 0.8, ()))
+    boxes[2] = TextBox(
+        "民族鑫",
+        0.8,
+        row.x0,
+        row.y0,
+        row.x1,
+        row.y1,
+        likelihood=likelihood,
+        decode=lambda allowed: ("民族鑫", 0.8, ()),
+    )
     r = extract(boxes)
     assert r.fields["ethnicity"] == "畲"
     assert len(asked) == 57 and all(a.startswith("民族") for a in asked)  # the 56, and none
@@ -238,8 +292,10 @@ def test_a_label_without_its_value_asks_for_a_second_look_between_the_labels() -
 
 
 def test_a_value_cut_short_asks_for_a_look_further_right() -> None:
-    boxes = [box("签发机关深圳市公安局南山分局", 150, 370, 640),
-             box("有效期限2015.08.12-2035.08", 150, 450, 560)]
+    boxes = [
+        box("签发机关深圳市公安局南山分局", 150, 370, 640),
+        box("有效期限2015.08.12-2035.08", 150, 450, 560),
+    ]
     r = extract(boxes)
     assert r.fields["valid_from"] == "2015-08-12" and "valid_to" not in r.fields
     (x0, _, x1, _), _allowed = r.retry["valid_to"]
@@ -264,5 +320,8 @@ def test_strokes_in_front_of_an_address_or_an_authority_are_not_read_into_them()
     boxes = front_merged()
     boxes[4] = box("住址一北京市朝阳区人民路12号", 50, 230, 480)
     assert extract(boxes).fields["domicile"].startswith("北京市")
-    back = [box("签发机关一拉萨市公安局城关分局", 150, 370, 640), box("有效期限2015.08.12-长期", 150, 450, 560)]
+    back = [
+        box("签发机关一拉萨市公安局城关分局", 150, 370, 640),
+        box("有效期限2015.08.12-长期", 150, 450, 560),
+    ]
     assert extract(back).fields["issue_authority"] == "拉萨市公安局城关分局"
