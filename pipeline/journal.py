@@ -142,13 +142,41 @@ class AnswerJournal:
         return moved
 
 
+#: KEYS: the item's owner key, the attempt's sent mark; ARGV: claimant, mark TTL.
+#: The mark is set only while the claimant still owns the item: a worker that was cut off long
+#: enough for its claim to be taken over must not send the same image a second time.
+_MARK_IF_OWNER = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+if not owner then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+redis.call('SET', KEYS[2], 1, 'EX', ARGV[2])
+return 1
+"""
+
+
 class SentMarks:
+    """Sent marks, and who owns each claimed item (the claimant of its latest claim)."""
+
     def __init__(self, client: redis.Redis, *, prefix: str = "idocr:sent") -> None:
         self.redis = client
         self.prefix = prefix
+        self._mark_if_owner = client.register_script(_MARK_IF_OWNER)
 
-    def mark(self, attempt_id: int) -> None:
-        self.redis.set(f"{self.prefix}:{attempt_id}", 1, ex=SENT_MARK_TTL)
+    def own(self, item_id: int, claimant: str) -> None:
+        """The item's latest claim is ``claimant``'s (called right after the claim commits)."""
+        self.redis.set(f"idocr:owner:{item_id}", claimant, ex=SENT_MARK_TTL)
+
+    def mark(self, attempt_id: int, item_id: int | None = None, claimant: str | None = None) -> bool:
+        """Mark the attempt sent, if ``claimant`` still owns the item; False (nothing marked)
+        when another claim took it over. Without an owner key (Redis lost it) the claimant
+        takes it."""
+        if item_id is None or claimant is None:
+            self.redis.set(f"{self.prefix}:{attempt_id}", 1, ex=SENT_MARK_TTL)
+            return True
+        return bool(self._mark_if_owner(
+            keys=[f"idocr:owner:{item_id}", f"{self.prefix}:{attempt_id}"],
+            args=[claimant, SENT_MARK_TTL],
+        ))
 
     def sent(self, attempt_ids: list[int]) -> set[int]:
         if not attempt_ids:

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -93,6 +94,12 @@ class Work:
     attempt_id: int | None
     #: the processor of the provider the calls go to (a failover chain's first one not paused)
     route: Any = None
+    #: this claim's identity (worker and a token): calls are sent only while it owns the item
+    claimant: str = ""
+
+
+class _TakenOver(Exception):
+    """The claim was taken over (this worker was cut off for a whole lease): no call."""
 
 
 class _Again(Exception):
@@ -292,8 +299,13 @@ class Processor:
                 via = self._via.get(row.batch_id) or self._via.setdefault(
                     row.batch_id, repo.batch_via(s, row.batch_id))
                 attempt_id = repo.insert_attempt(s, item_id, 1, route.provider.name)
-                return Work(item_id, row.batch_id, row.source_uri, row.sha256, row.size, via,
-                            row.pair_key, attempt_id, route)
+                work = Work(item_id, row.batch_id, row.source_uri, row.sha256, row.size, via,
+                            row.pair_key, attempt_id, route, f"{self.worker_id}/{uuid.uuid4().hex[:12]}")
+        if applied is None:
+            if self.sent_marks is not None:
+                marks = self.sent_marks
+                self._outlast(lambda: marks.own(item_id, work.claimant), "claim owner")
+            return work
         if self.journal is not None:
             self.journal.drop(item_id)
         if applied == ItemStatus.SUCCEEDED and row.pair_key is not None:
@@ -441,7 +453,8 @@ class Processor:
                     calls += 1
                     # the first call's attempt row was written with the claim
                     pre = w.attempt_id if calls == 1 else None
-                    result, attempt_id, elapsed = self._call_once(item_id, calls, call, pre)
+                    result, attempt_id, elapsed = self._call_once(item_id, calls, call, pre,
+                                                                  claimant=w.claimant)
                     if result.outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN):
                         raise _Again(result)
                     if result.outcome is Outcome.CLOCK and not clock_resigned:
@@ -462,6 +475,9 @@ class Processor:
             if p.new:
                 self._pause(p.kind, p.reason)
             return self._failover(w, payload, digest) or self._park(item_id, sha256=digest)
+        except _TakenOver:
+            log.warning("item %s: taken over while this worker was cut off; not sent", item_id)
+            return "taken_over"
 
         if result.outcome in ANSWERS:
             pair = (w.batch_id, w.pair_key) if w.pair_key is not None else None
@@ -479,7 +495,8 @@ class Processor:
             metrics.record_retry(self.provider.name, exc.result.outcome.value)
 
     def _call_once(
-        self, item_id: int, number: int, call: Any, attempt_id: int | None = None
+        self, item_id: int, number: int, call: Any, attempt_id: int | None = None,
+        claimant: str | None = None,
     ) -> tuple[ProviderResult, int, int]:
         """One call: (answer, attempt id, ms). ``attempt_id``: the attempt already recorded
         (with the claim) for this call, dropped if no call is made. An answer that settles the
@@ -510,7 +527,8 @@ class Processor:
                 metrics.record_limiter_wait(waited, self.provider.name)
             if self.sent_marks is not None:
                 marks = self.sent_marks
-                self._outlast(lambda: marks.mark(recorded), "sent mark")
+                if not self._outlast(lambda: marks.mark(recorded, item_id, claimant), "sent mark"):
+                    raise _TakenOver()
         except BaseException:
             if reservation is not None:
                 self._settle_reservation(reservation.release)

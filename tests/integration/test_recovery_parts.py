@@ -270,3 +270,39 @@ def test_the_worker_counts_its_calls_in_the_metrics(db_url: str, tmp_path: Path,
     assert sample("idocr_provider_billed_total", provider="sandbox") == billed + 1
     assert sample("idocr_items_finished_total", status="succeeded", reason="") == done + 1
     assert sample("idocr_ratelimit_wait_seconds_count", provider="sandbox") == waits + 1
+
+
+def test_a_worker_cut_off_past_its_lease_does_not_send_what_was_taken_over(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    """Worker A claims an item and stalls (its database away for longer than the lease);
+    worker B takes the item over and gets the answer. When A comes back it must not send the
+    image again: its call is refused by the owner check before the send."""
+    import threading
+
+    from pipeline.sources import read_uri
+
+    sandbox = sandbox_factory()
+    item_id = one_item(db_url, tmp_path)
+    marks = SentMarks(redis.Redis.from_url(redis_url))
+    stalled, go_on = threading.Event(), threading.Event()
+
+    def slow_reader(uri: str) -> bytes:
+        stalled.set()
+        go_on.wait(30)
+        return read_uri(uri)
+
+    a = make_processor(db_url, sandbox, redis_url)
+    a.worker_id, a.sent_marks, a.reader = "host:a", marks, slow_reader
+    b = make_processor(db_url, sandbox, redis_url)
+    b.worker_id, b.sent_marks, b.claim_lease = "host:b", marks, timedelta(0)
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(a.process(item_id)))
+    t.start()
+    assert stalled.wait(10)
+    assert b.process(item_id) == "succeeded"  # the takeover
+    go_on.set()
+    t.join(30)
+    assert out == ["taken_over"]
+    assert sandbox.stats.billed == 1
+    with unit_of_work(db_url) as s:
+        assert s.get(Item, item_id).status == "succeeded"
+        assert [x.outcome for x in s.scalars(select(Attempt))] == ["ok"]
