@@ -260,7 +260,13 @@ def _row_chars(boxes: Sequence[TextBox], band: Sequence[int]) -> list[_Char]:
         own = _chars_of(boxes[j], j)
         if k + 1 < len(band):
             nxt = boxes[band[k + 1]]
-            own = [c for c in own if c.x < nxt.x0 or c.x > nxt.x1]
+            # boxes that overlap by more than a sliver read the shared character twice
+            overlapping = boxes[j].x1 - nxt.x0 > 0.25 * nxt.height
+            edge = nxt.x0 - 0.3 * nxt.height if overlapping else nxt.x0
+            own = [c for c in own if c.x < edge or c.x > nxt.x1]
+            first = _norm(nxt.text)[:1]
+            if overlapping and own and first and own[-1].ch == first:
+                own.pop()
         chars.extend(own)
     return chars
 
@@ -336,6 +342,10 @@ def _match_label(
     if not fuzzy:
         return None
     allowed = 2 if n >= 6 else 1
+    # a 2-character label opening the row with something read between its characters: a
+    # half of one of them cut off as a character of its own ("住主址": 住 and its right half)
+    if n == 2 and not anywhere and seq[:1] == label[0] and seq[2:3] == label[1]:
+        return _Label(row_index, cjk[0], cjk[2] + 1, False)
     # one character of a two-character label lost (not detected, or read as something else):
     # its other character opening the row still marks where the value starts
     if (

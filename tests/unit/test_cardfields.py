@@ -325,3 +325,19 @@ def test_strokes_in_front_of_an_address_or_an_authority_are_not_read_into_them()
         box("有效期限2015.08.12-长期", 150, 450, 560),
     ]
     assert extract(back).fields["issue_authority"] == "拉萨市公安局城关分局"
+
+
+def test_a_character_shared_by_two_overlapping_boxes_is_read_once() -> None:
+    back = [
+        box("签发机关", 173, 432, 298),
+        box("关武汉市公安局武昌分局", 281, 431, 603),
+        box("有效期限2004.12.02-2024.12.02", 173, 496, 655),
+    ]
+    assert extract(back).fields["issue_authority"] == "武汉市公安局武昌分局"
+
+
+def test_half_of_a_label_character_read_as_one_of_its_own() -> None:
+    boxes = front_merged()
+    boxes[4] = box("住", 50, 230, 75)
+    boxes.insert(5, box("主址北京市朝阳区人民路12号", 74, 230, 480))
+    assert extract(boxes).fields["domicile"] == "北京市朝阳区人民路12号3栋2单元301室"
