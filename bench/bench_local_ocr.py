@@ -10,6 +10,7 @@ check, and CPU seconds per image per core (the OCR call's own thread time: one i
 one core), with a breakdown by capture style and rotation.
 
     python bench/bench_local_ocr.py --images 300 --processes 2 [--seed 1000] [--show 10] [--hard]
+        [--baseline]
 """
 
 from __future__ import annotations
@@ -22,21 +23,70 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.cardgen import BACK, FRONT, make_sample
 
-_provider = None
+_provider: Any = None
 
 
-def _init() -> None:
+class Baseline:
+    """For comparison: one plain RapidOCR call and label regular expressions over the joined
+    text (what the local engine does instead: geometry, constraints, second looks)."""
+
+    name = "baseline"
+    _FRONT: ClassVar[dict[str, str]] = {
+        "name": r"姓名(.+?)性别",
+        "gender": r"性别(男|女)",
+        "ethnicity": r"民族(.+?)出生",
+        "domicile": r"住址(.+?)公民身份号码",
+        "id_number": r"公民身份号码([0-9Xx]{18})",
+    }
+
+    def __init__(self) -> None:
+        from rapidocr_onnxruntime import RapidOCR
+
+        self._ocr = RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1)
+
+    def submit(self, payload: Any) -> Any:
+        import re
+        from types import SimpleNamespace
+
+        from pipeline.validation import parse_date, parse_valid_period
+
+        res, _ = self._ocr(payload.data)
+        text = "".join(t for _, t, _ in res or []).replace(" ", "")
+        fields: dict[str, str] = {}
+        side = None
+        if "公民身份号码" in text or "姓名" in text:
+            side = "front"
+            for key, pattern in self._FRONT.items():
+                m = re.search(pattern, text)
+                if m:
+                    fields[key] = m.group(1).upper() if key == "id_number" else m.group(1)
+            m = re.search(r"出生(\d{4})年(\d{1,2})月(\d{1,2})日", text)
+            if m:
+                fields["date_of_birth"] = parse_date("-".join(m.groups())) or ""
+        elif "签发机关" in text or "有效期限" in text:
+            side = "back"
+            m = re.search(r"签发机关(.+?)有效期限", text)
+            if m:
+                fields["issue_authority"] = m.group(1)
+            m = re.search(r"有效期限(.+)$", text)
+            if m:
+                a, b = parse_valid_period(m.group(1))
+                fields.update({k: v for k, v in (("valid_from", a), ("valid_to", b)) if v})
+        return SimpleNamespace(side=side, fields=fields, outcome="ok" if side else "image", raw={})
+
+
+def _init(baseline: bool = False) -> None:
     global _provider
     from pipeline.providers.local import LocalOCRClient
 
-    _provider = LocalOCRClient(parallel=1)
+    _provider = Baseline() if baseline else LocalOCRClient(parallel=1)
 
 
 def _one(job: tuple[int, bool]) -> dict[str, Any]:
@@ -88,6 +138,11 @@ def main() -> None:
         "--show", type=int, default=0, help="print this many wrong fields (truth vs read)"
     )
     ap.add_argument(
+        "--baseline",
+        action="store_true",
+        help="measure a plain RapidOCR call with label regexes instead, for comparison",
+    )
+    ap.add_argument(
         "--hard",
         action="store_true",
         help="captures beyond usable (tiny, blurred, JPEG 15-40): how errors are flagged",
@@ -96,7 +151,8 @@ def main() -> None:
 
     seeds = range(args.seed, args.seed + args.images)
     wall = time.monotonic()
-    with mp.get_context("spawn").Pool(args.processes, initializer=_init) as pool:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.processes, initializer=_init, initargs=(args.baseline,)) as pool:
         results = pool.map(_one, [(s, args.hard) for s in seeds], chunksize=4)
     wall = time.monotonic() - wall
 
@@ -139,6 +195,7 @@ def main() -> None:
         f"images: {len(results)} (fronts {len(id_exact)}, backs {len(results) - len(id_exact)}), "
         f"{args.processes} processes, seeds {args.seed}..{args.seed + args.images - 1}"
         + (" (hard captures)" if args.hard else "")
+        + (" - BASELINE: one plain RapidOCR call, label regexes" if args.baseline else "")
     )
     print("outcomes:", dict(Counter(r["outcome"] for r in results)))
     for k in (*FRONT, *BACK):
