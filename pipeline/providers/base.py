@@ -3,9 +3,10 @@
 Exception tree::
 
     ProviderError                 base; never carries image bytes, keys or ID numbers
-    ├── TransientProviderError    worth retrying: connection, timeout, HTTP 5xx, garbage, codes 0 1 4010
-    ├── BalanceError              a balance query was refused or failed
-    └── ConfigurationError        the provider cannot be used as configured (no credentials, bad URL)
+    └── BalanceError              a balance query was refused or failed
+
+A submit never raises for the provider's answer: it returns a :class:`ProviderResult` whose
+outcome says what happened (transient failures included).
 
 Retry code looks only at :class:`Outcome`, never at provider codes or strings.
 """
@@ -68,16 +69,6 @@ class ProviderResult:
 
 class ProviderError(Exception):
     """Base of the provider exceptions. Messages never carry secrets or personal data."""
-
-
-class TransientProviderError(ProviderError):
-    def __init__(self, result: ProviderResult) -> None:
-        super().__init__(f"{result.outcome}: code={result.code} {result.msg}")
-        self.result = result
-
-
-class ConfigurationError(ProviderError):
-    """The provider cannot be used as configured."""
 
 
 class BalanceError(ProviderError):

@@ -251,25 +251,6 @@ def _claimable(stale_before: datetime | None) -> Any:
     return cond
 
 
-def claim(session: Session, item_id: int, worker: str, stale_before: datetime | None = None) -> Item | None:
-    """Compare-and-set queued → submitting. A second delivery of the same message finds the item
-    taken and gets None: it must not call the provider.
-
-    ``stale_before``: an item claimed before then whose worker never finished it (a crash, a
-    killed container) may be claimed again; a call it had in flight is closed as ``unknown``
-    (it may have been billed)."""
-    now = utcnow()
-    res = session.execute(
-        update(Item)
-        .where(Item.id == item_id, _claimable(stale_before))
-        .values(status=ItemStatus.SUBMITTING, claimed_at=now, claimed_by=worker[:128], updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        return None
-    return session.get(Item, item_id, populate_existing=True)
-
-
 @dataclass(slots=True)
 class Claimed:
     """What a worker needs of the item it has just claimed."""
@@ -283,7 +264,13 @@ class Claimed:
 
 
 def claim_row(session: Session, item_id: int, worker: str, stale_before: datetime | None = None) -> Claimed | None:
-    """:func:`claim` in one statement (UPDATE … RETURNING): the worker's hot path."""
+    """Compare-and-set queued → submitting, in one statement (UPDATE … RETURNING). A second
+    delivery of the same message finds the item taken and gets None: it must not call the
+    provider.
+
+    ``stale_before``: an item claimed before then whose worker never renewed its claim since (a
+    crash, a killed container) may be claimed again; what its calls left is settled by the
+    taker (:meth:`pipeline.processing.Processor._claim`)."""
     now = utcnow()
     row = session.execute(
         update(Item)

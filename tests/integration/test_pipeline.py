@@ -263,7 +263,7 @@ def test_a_claim_whose_worker_died_is_taken_over_after_the_lease(db_url: str, tm
     # had not left yet (waiting for its rate-limiter slot), the second had been sent
     with unit_of_work(db_url) as s:
         for item_id in sent:
-            assert repo.claim(s, item_id, "dead-worker") is not None
+            assert repo.claim_row(s, item_id, "dead-worker") is not None
         unsent = repo.insert_attempt(s, sent[0], 1, "sandbox")
         in_flight = repo.insert_attempt(s, sent[1], 1, "sandbox")
     marks.mark(in_flight)

@@ -61,7 +61,7 @@ def test_a_journaled_answer_is_written_by_the_reconciler_without_a_call(db_url: 
     item_id = one_item(db_url, tmp_path)
     # a worker claimed the item, was answered, could not write the answer, and died
     with unit_of_work(db_url) as s:
-        repo.claim(s, item_id, "dead:1")
+        repo.claim_row(s, item_id, "dead:1")
         attempt = repo.insert_attempt(s, item_id, 1, "sandbox")
     journal = AnswerJournal(redis.Redis.from_url(redis_url), tmp_path / "journal", "dead:1")
     journal.put(Entry(item_id, attempt, "sandbox", "ab" * 32, ok_answer(), "dead:1", 210))
@@ -87,7 +87,7 @@ def test_a_takeover_uses_a_journaled_answer(db_url: str, tmp_path: Path, sandbox
     sandbox = sandbox_factory()
     item_id = one_item(db_url, tmp_path)
     with unit_of_work(db_url) as s:
-        repo.claim(s, item_id, "dead:1")
+        repo.claim_row(s, item_id, "dead:1")
         attempt = repo.insert_attempt(s, item_id, 1, "sandbox")
     r = redis.Redis.from_url(redis_url)
     journal = AnswerJournal(r, tmp_path / "journal", "dead:1")
@@ -149,7 +149,7 @@ def test_lost_messages_are_found_when_the_queue_is_empty(db_url: str, tmp_path: 
 def test_an_abandoned_claim_is_sent_for_takeover_and_a_live_one_is_not(db_url: str, tmp_path: Path, redis_url: str) -> None:
     item_id = one_item(db_url, tmp_path)
     with unit_of_work(db_url) as s:
-        repo.claim(s, item_id, "w:1")
+        repo.claim_row(s, item_id, "w:1")
     sent: list[int] = []
     rec = reconciler(db_url, redis_url, sent, depth=9)
     beat = Heartbeat(db_url, "w:1", interval=60)
