@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline.config import ConfigError, Settings, get_settings, reset_settings, settings_error_message
+from pipeline.config import ConfigError, Settings, get_settings, settings_error_message
 from pipeline.sources.base import SourceError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -79,35 +79,42 @@ def cli(verbose: int, log_format: str) -> None:
 
 @contextmanager
 def local_services(settings: Settings) -> Iterator[Settings]:
-    """Embedded Redis and sandbox as needed; yields settings that name them for child processes."""
+    """Embedded Redis and sandbox as needed; yields settings that name them (and hand them to
+    child processes through :func:`child_env`). This process's environment is left alone."""
     from pipeline.redisconn import redis_url
 
-    env: dict[str, str] = {
-        "IDOCR_DATA_DIR": str(settings.data_dir.resolve()),
-        "IDOCR_DATABASE_URL": settings.resolved_database_url,
-        "IDOCR_REDIS_URL": redis_url(settings),  # starts the embedded Redis if there is none
-        "IDOCR_PROVIDER": settings.resolved_provider,
+    update: dict[str, object] = {
+        "data_dir": settings.data_dir.resolve(),
+        "database_url": settings.resolved_database_url,
+        "redis_url": redis_url(settings),  # starts the embedded Redis if there is none
     }
     sandbox = None
     if settings.resolved_provider == "sandbox" and not settings.sandbox_url:
         from pipeline.runtime import start_sandbox
 
         sandbox = start_sandbox(settings)
-        env["IDOCR_SANDBOX_URL"] = sandbox.url
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reset_settings()
+        update["sandbox_url"] = sandbox.url
     try:
-        yield get_settings()
+        yield settings.model_copy(update=update)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_settings()
         if sandbox is not None:
             sandbox.stop()
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of a child process (a local worker) that must use the same services:
+    this process's environment plus what :func:`local_services` started, passed explicitly."""
+    env = dict(os.environ)
+    env.update({
+        "IDOCR_DATA_DIR": str(settings.data_dir),
+        "IDOCR_DATABASE_URL": settings.resolved_database_url,
+        "IDOCR_PROVIDER": settings.resolved_provider,
+    })
+    if settings.redis_url:
+        env["IDOCR_REDIS_URL"] = settings.redis_url
+    if settings.sandbox_url:
+        env["IDOCR_SANDBOX_URL"] = settings.sandbox_url
+    return env
 
 
 def _prepare_scan(settings: Settings, location: str, batch_id: str | None,  # type: ignore[no-untyped-def]
@@ -177,7 +184,8 @@ def local_workers(settings: Settings, concurrency: int) -> Iterator[subprocess.P
     logfile = (logdir / "worker.log").open("ab")
     cmd = worker_command(settings, concurrency, f"idocr-run-{os.getpid()}@%h")
     cmd += ["--loglevel", "INFO"]
-    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=child_env(settings))
     try:
         yield proc
     finally:
