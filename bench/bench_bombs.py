@@ -1,6 +1,6 @@
 """Benchmark: peak memory of `prepare` fed hostile images, against ordinary ones.
 
-Each case runs in a fresh process: sixteen files through ``pipeline.images.prepare`` on eight
+Each case runs in a fresh process: sixteen files through ``pipeline.domain.images.prepare`` on eight
 threads (what one ``-c 8`` worker does), then the process's peak RSS (``ru_maxrss``):
 
 * ``ordinary``            — the example cards, a 12 MP phone photo (JPEG) and an A4 page scanned
@@ -31,7 +31,7 @@ _RUN = textwrap.dedent(
     import json, resource, sys, time
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
-    from pipeline.images import ImageLimits, ImageRejected, prepare
+    from pipeline.domain.images import ImageLimits, ImageRejected, prepare
 
     paths, lifted = json.loads(sys.argv[1]), sys.argv[2] == "1"
     limits = ImageLimits(max_pixels=10**10, max_decode_bytes=10**12) if lifted else ImageLimits()
@@ -113,7 +113,7 @@ def main() -> None:
                 f"{name:32} {len(paths):>5} {r['peak_kb'] / 1024:>6.0f} MB {r['seconds']:>5.2f} s"
                 f"  {outcomes}"
             )
-        print(f"(a process that only imports pipeline.images and reads the files: "
+        print(f"(a process that only imports pipeline.domain.images and reads the files: "
               f"{r['base_kb'] / 1024:.0f} MB)")
 
 

@@ -55,7 +55,7 @@ class Baseline:
         import re
         from types import SimpleNamespace
 
-        from pipeline.validation import parse_date, parse_valid_period
+        from pipeline.domain.validation import parse_date, parse_valid_period
 
         res, _ = self._ocr(payload.data)
         text = "".join(t for _, t, _ in res or []).replace(" ", "")
@@ -91,9 +91,9 @@ def _init(baseline: bool = False) -> None:
 
 def _one(job: tuple[int, bool]) -> dict[str, Any]:
     seed, hard = job
-    from pipeline.images import ImageRejected, prepare
+    from pipeline.domain.images import ImageRejected, prepare
     from pipeline.providers.base import ImagePayload
-    from pipeline.validation import check_fields
+    from pipeline.domain.validation import check_fields
 
     data, truth = make_sample(seed, hard=hard)
     try:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import IDOCR, RemoteSandbox, database  # noqa: E402
 from pipeline.providers.base import ImagePayload  # noqa: E402
 from pipeline.providers.ihuyi import IhuyiClient  # noqa: E402
-from pipeline.sandbox.cardset import make_card_set  # noqa: E402
+from idocr_sandbox.cardset import make_card_set  # noqa: E402
 from tests.faults import OwnRedis, children, kill_group  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -165,9 +165,9 @@ def profile_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox, 
     import redis.commands.core
     from sqlalchemy.orm import Session
 
-    import pipeline.processing as processing
+    import pipeline.workflows.processing as processing
     from pipeline.config import Settings
-    from pipeline.producer import scan
+    from pipeline.workflows.producer import scan
     from pipeline.runtime import build_processor
     from pipeline.sources.local import LocalSource
 

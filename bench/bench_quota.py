@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import PG_ADMIN_URL, RemoteSandbox, database, scan, worker_env, workers
-from pipeline.sandbox.cardset import make_card_set
+from idocr_sandbox.cardset import make_card_set
 
 
 def statuses(db_url: str) -> dict[str, int]:

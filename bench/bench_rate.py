@@ -33,14 +33,14 @@ from bench.harness import (
     worker_env,
     workers,
 )
-from pipeline.images import ImageLimits
-from pipeline.processing import Processor, RetryPolicy
-from pipeline.producer import scan as scan_folder
+from pipeline.domain.images import ImageLimits
+from pipeline.workflows.processing import Processor, RetryPolicy
+from pipeline.workflows.producer import scan as scan_folder
 from pipeline.providers.base import ImagePayload
 from pipeline.providers.ihuyi import IhuyiClient
-from pipeline.sandbox.cardset import make_card_set
-from pipeline.sandbox.server import SandboxConfig, SandboxServer
-from pipeline.sandbox.truth import TruthIndex
+from idocr_sandbox.cardset import make_card_set
+from idocr_sandbox.server import SandboxConfig, SandboxServer
+from idocr_sandbox.truth import TruthIndex
 from pipeline.sources.local import LocalSource
 from pipeline.storage.db import upgrade
 
@@ -126,8 +126,8 @@ def sequential(args: argparse.Namespace, folder: Path, truth: Path) -> None:
 def overhead(args: argparse.Namespace, work: Path, folder: Path, truth: Path) -> None:
     """Per-image cost of the worker's own steps (claim, read, checks, sign, persist), measured
     in one thread against a zero-latency sandbox and an unthrottled limiter."""
-    from pipeline.quota import QuotaExhausted, QuotaLedger
-    from pipeline.ratelimit import RateLimiter
+    from pipeline.coordination.quota import QuotaExhausted, QuotaLedger
+    from pipeline.coordination.ratelimit import RateLimiter
 
     sandbox = SandboxServer(TruthIndex.load(truth), SandboxConfig(quota=10**9))
     sandbox.start()

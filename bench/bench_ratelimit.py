@@ -24,7 +24,7 @@ import redis
 # run from a plain checkout too (spawned children re-import this file and get the same path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.ratelimit import DEFAULT_MAX_WAIT, RateLimiter
+from pipeline.coordination.ratelimit import DEFAULT_MAX_WAIT, RateLimiter
 
 
 class CountingRedis(redis.Redis):

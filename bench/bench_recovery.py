@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import database  # noqa: E402
-from pipeline.sandbox.cardset import make_card_set  # noqa: E402
-from pipeline.sandbox.server import SandboxConfig, SandboxServer  # noqa: E402
-from pipeline.sandbox.truth import TruthIndex  # noqa: E402
+from idocr_sandbox.cardset import make_card_set  # noqa: E402
+from idocr_sandbox.server import SandboxConfig, SandboxServer  # noqa: E402
+from idocr_sandbox.truth import TruthIndex  # noqa: E402
 from tests.e2e import test_recovery as rec  # noqa: E402
 from tests.faults import OwnRedis, TcpProxy, children, kill_group  # noqa: E402
 

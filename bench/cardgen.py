@@ -1,6 +1,6 @@
 """Varied synthetic ID cards with their truth, for evaluating the local OCR engine.
 
-A renderer of its own (not ``pipeline/sandbox/cards.py``, whose cards the examples are): six
+A renderer of its own (not ``idocr_sandbox/cards.py``, whose cards the examples are): six
 CJK faces from Debian packages (Noto Sans/Serif CJK, WenQuanYi Zen Hei/Micro Hei, AR PL
 UKai/UMing) mixed per card and per role, label letter-spacing from none to wide (so labels are
 read merged with their values or split from them), random layout offsets, minority-language

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 # Runnable as a plain script from a checkout, without installing the package first.
 sys.path.insert(0, str(HERE.parent))
 
-from pipeline.sandbox.cards import (
+from idocr_sandbox.cards import (
     BACK_FIELDS,
     FRONT_FIELDS,
     encode,

@@ -81,7 +81,7 @@ def cli(verbose: int, log_format: str) -> None:
 def local_services(settings: Settings) -> Iterator[Settings]:
     """Embedded Redis and sandbox as needed; yields settings that name them (and hand them to
     child processes through :func:`child_env`). This process's environment is left alone."""
-    from pipeline.redisconn import redis_url
+    from pipeline.coordination.redisconn import redis_url
 
     update: dict[str, object] = {
         "data_dir": settings.data_dir.resolve(),
@@ -122,7 +122,7 @@ def _prepare_scan(settings: Settings, location: str, batch_id: str | None,  # ty
     """The source (or a clear error), a migrated schema, and the batch id to use. Everything
     that can be refused is refused here, before anything is scanned or a batch created.
     ``via`` defaults to the running command's ``--via``; an existing batch keeps its own."""
-    from pipeline.producer import new_batch_id
+    from pipeline.workflows.producer import new_batch_id
     from pipeline.sources import open_source
 
     explicit = via is not None
@@ -241,7 +241,7 @@ def _requeue_batch(settings: Settings, batch_id: str, report, retry_failed: bool
     """After scanning into an existing batch: items an earlier run left waiting get a message
     again (a duplicate message is harmless: the claim is a compare-and-set), and on request
     failed ones are queued again."""
-    from pipeline import producer
+    from pipeline.workflows import producer
     from pipeline.queue import load_queue
 
     enqueue_items = load_queue(settings).enqueue
@@ -281,7 +281,7 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
 
     On the embedded default this starts Redis itself (and the sandbox, when it is the provider).
     """
-    from pipeline import control, producer
+    from pipeline.workflows import control, producer
     from pipeline.queue import load_queue
     from pipeline.runtime import build_provider
 
@@ -331,7 +331,7 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
 def _wait(settings: Settings, queue, provider, batch_id: str, worker, progress, task,  # type: ignore[no-untyped-def]
           started: float, timeout: float | None) -> int:
     """Until every item of the batch is final (0), or there is a reason to stop (3)."""
-    from pipeline import control
+    from pipeline.workflows import control
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
 
@@ -387,7 +387,7 @@ def _detail(counts: dict[str, int], pause) -> str:  # type: ignore[no-untyped-de
 @_retry_unknown
 def scan(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool) -> None:
     """Scan SOURCE and enqueue its items for workers started elsewhere; prints the batch id."""
-    from pipeline import producer
+    from pipeline.workflows import producer
     from pipeline.queue import load_queue
 
     settings = _settings()
@@ -432,7 +432,7 @@ def status(batch_id: str | None, as_json: bool, watch: float | None) -> None:
     the limit, an ETA, the pause state and the quota left; on stdout."""
     import json
 
-    from pipeline.status import NoSuchBatch, collect
+    from pipeline.workflows.status import NoSuchBatch, collect
     from pipeline.storage.db import unit_of_work
 
     settings = _settings()
@@ -480,7 +480,7 @@ def _status_view(st):  # type: ignore[no-untyped-def]
     from rich.console import Group
     from rich.text import Text
 
-    from pipeline.status import RATE_WINDOW, format_duration
+    from pipeline.workflows.status import RATE_WINDOW, format_duration
 
     lines = [Text(f"provider: {st.provider} (account {st.account})")]
     if st.pause is not None:
@@ -527,8 +527,8 @@ def export(batch_id: str | None, fmt: str, output: Path | None, to: str | None, 
     product: it carries the recognised fields unmasked; keep it where ID data may be kept."""
     from functools import partial
 
-    from pipeline.export import records, write_csv, write_jsonl
-    from pipeline.status import latest_batch_id
+    from pipeline.outputs.records import records, write_csv, write_jsonl
+    from pipeline.workflows.status import latest_batch_id
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
     from pipeline.storage.models import Batch
@@ -566,7 +566,7 @@ def export(batch_id: str | None, fmt: str, output: Path | None, to: str | None, 
 
 
 def _write_output(settings: Settings, batch_id: str, location: str) -> None:
-    from pipeline.output import OutputError, open_output, write_batch_output
+    from pipeline.outputs.files import OutputError, open_output, write_batch_output
     from pipeline.storage.db import unit_of_work
 
     try:
@@ -584,7 +584,7 @@ def _write_output(settings: Settings, batch_id: str, location: str) -> None:
 @cli.command()
 def balance() -> None:
     """Query the provider's remaining quota (ihuyi GetNum), record it, pause or resume on it."""
-    from pipeline import control
+    from pipeline.workflows import control
     from pipeline.queue import load_queue
     from pipeline.runtime import build_provider
 
@@ -608,7 +608,7 @@ def balance() -> None:
 @click.option("--reason", default="paused by the operator", show_default=True)
 def pause(reason: str) -> None:
     """Pause submissions to the configured provider account (nothing is failed)."""
-    from pipeline import control
+    from pipeline.workflows import control
     from pipeline.queue import load_queue
     from pipeline.runtime import provider_identity
 
@@ -623,7 +623,7 @@ def pause(reason: str) -> None:
 @cli.command()
 def resume() -> None:
     """Resume submissions and re-enqueue the items the pause held back."""
-    from pipeline import control
+    from pipeline.workflows import control
     from pipeline.queue import load_queue
     from pipeline.runtime import provider_identity
 
@@ -739,7 +739,7 @@ def health() -> None:
 
 def _one_line(exc: BaseException) -> str:
     """The first line of an error from a library, ID numbers masked."""
-    from pipeline.validation import redact_text
+    from pipeline.domain.validation import redact_text
 
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return redact_text(text[0] if text else type(exc).__name__)
@@ -752,7 +752,7 @@ def main() -> None:
     from botocore.exceptions import BotoCoreError, ClientError
     from sqlalchemy.exc import OperationalError
 
-    from pipeline.validation import redact_text
+    from pipeline.domain.validation import redact_text
 
     try:
         code = cli.main(standalone_mode=False)

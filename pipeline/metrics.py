@@ -210,7 +210,7 @@ class StateCollector(Collector):
 
     def _sql(self, up: GaugeMetricFamily) -> Iterator[Any]:
         from pipeline.runtime import provider_identity
-        from pipeline.status import recent_batch_ids
+        from pipeline.workflows.status import recent_batch_ids
         from pipeline.storage import repo
         from pipeline.storage.db import unit_of_work
 
@@ -253,7 +253,7 @@ class StateCollector(Collector):
             return  # an embedded Redis is not started just to be measured
         import redis
 
-        from pipeline.quota import QuotaLedger
+        from pipeline.coordination.quota import QuotaLedger
         from pipeline.runtime import provider_identity
 
         provider, account = provider_identity(self.settings)

@@ -14,19 +14,19 @@ from datetime import timedelta
 from pathlib import Path
 
 from pipeline.config import ConfigError, Settings
-from pipeline.dedupe import ContentClaims
-from pipeline.images import ImageLimits
-from pipeline.gate import PauseSignal
-from pipeline.heartbeat import Heartbeat
-from pipeline.journal import AnswerJournal, SentMarks
-from pipeline.processing import Processor, RetryPolicy
+from pipeline.coordination.dedupe import ContentClaims
+from pipeline.domain.images import ImageLimits
+from pipeline.coordination.gate import PauseSignal
+from pipeline.coordination.heartbeat import Heartbeat
+from pipeline.coordination.journal import AnswerJournal, SentMarks
+from pipeline.workflows.processing import Processor, RetryPolicy
 from pipeline.providers.base import Provider
 from pipeline.queue import WorkQueue
 from pipeline.providers.ihuyi import IhuyiClient
-from pipeline.quota import QuotaExhausted, QuotaLedger
-from pipeline.ratelimit import RateLimiter, rate_key
-from pipeline.reconcile import Reconciler
-from pipeline.redisconn import redis_client
+from pipeline.coordination.quota import QuotaExhausted, QuotaLedger
+from pipeline.coordination.ratelimit import RateLimiter, rate_key
+from pipeline.workflows.reconcile import Reconciler
+from pipeline.coordination.redisconn import redis_client
 from pipeline.sources import head_uri, presign_uri, read_uri
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ def sandbox_truth_paths(settings: Settings) -> list[Path]:
 
 def start_sandbox(settings: Settings, host: str = "127.0.0.1", port: int = 0):  # type: ignore[no-untyped-def]
     """A sandbox server in a thread of this process."""
-    from pipeline.sandbox.server import FaultPlan, SandboxConfig, SandboxServer
-    from pipeline.sandbox.truth import TruthIndex
+    from idocr_sandbox.server import FaultPlan, SandboxConfig, SandboxServer
+    from idocr_sandbox.truth import TruthIndex
 
     truth = TruthIndex.load(*sandbox_truth_paths(settings))
     config = SandboxConfig(

@@ -135,8 +135,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture
 def sandbox_factory():  # type: ignore[no-untyped-def]
     """Start sandboxes (real HTTP on 127.0.0.1) answering from the examples' truth."""
-    from pipeline.sandbox.server import SandboxConfig, SandboxServer
-    from pipeline.sandbox.truth import TruthIndex
+    from idocr_sandbox.server import SandboxConfig, SandboxServer
+    from idocr_sandbox.truth import TruthIndex
 
     started = []
 

@@ -79,7 +79,7 @@ if not _pool_given(sys.argv):
 @signals.after_setup_task_logger.connect
 def _mask_pii(logger: logging.Logger, **_: object) -> None:
     # ID numbers can reach a log line through a file name or a provider message
-    from pipeline.validation import PIIFilter
+    from pipeline.domain.validation import PIIFilter
 
     for handler in logger.handlers:
         handler.addFilter(PIIFilter())
@@ -123,7 +123,7 @@ def _switch_interval(**_: object) -> None:
 @signals.worker_process_init.connect
 def _after_fork(**_: object) -> None:
     # Connections made by the parent (schema check, Redis) must not be shared with children.
-    from pipeline.redisconn import reset_clients
+    from pipeline.coordination.redisconn import reset_clients
     from pipeline.storage.db import engine_for
 
     for url in (settings.resolved_database_url,):

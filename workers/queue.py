@@ -24,8 +24,8 @@ from typing import Any
 import redis
 
 from pipeline.config import Settings
-from pipeline.reconcile import ensure_epoch
-from pipeline.redisconn import redis_client, redis_url
+from pipeline.workflows.reconcile import ensure_epoch
+from pipeline.coordination.redisconn import redis_client, redis_url
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import threading
 from celery import signals
 from celery.exceptions import Reject
 
-from pipeline.processing import Processor
-from pipeline.reconcile import Reconciler
-from pipeline.resilience import OutageTooLong
+from pipeline.workflows.processing import Processor
+from pipeline.workflows.reconcile import Reconciler
+from pipeline.coordination.resilience import OutageTooLong
 from workers.app import app, settings
 from workers.queue import CeleryQueue
 
@@ -59,7 +59,7 @@ def _warm_up(**_: object) -> None:
 
         from PIL import Image
 
-        from pipeline.validation import check_fields
+        from pipeline.domain.validation import check_fields
 
         Image.init()
         check_fields("front", {"id_number": "11010519491231002X"}, today=date.today())
@@ -72,7 +72,7 @@ def _warm_up(**_: object) -> None:
         # A balance reading (free: GetNum bills nothing) primes the quota ledger before the
         # first submission and opens the connection to the provider.
         if p.quota is not None and p.quota.snapshot().remaining is None:
-            from pipeline.control import check_balance
+            from pipeline.workflows.control import check_balance
 
             check_balance(settings, p.provider, QUEUE.enqueue, QUEUE.set_consuming)
         # answers a worker of this host kept on disk while both the database and Redis were
@@ -112,7 +112,7 @@ def reconcile() -> str:
 
 @app.task(name="idocr.balance.check", ignore_result=True)
 def balance_check() -> None:
-    from pipeline.control import balance_due, check_balance
+    from pipeline.workflows.control import balance_due, check_balance
 
     provider = processor().provider
     if balance_due(settings, provider):

@@ -22,7 +22,7 @@ from pipeline.providers.base import (
 )
 from pipeline.providers.http import encode_form, make_client, now, post_form
 from pipeline.providers.ihuyi_sign import APP, finish, sign_getnum, submit_signer
-from pipeline.validation import parse_date, parse_valid_period
+from pipeline.domain.validation import parse_date, parse_valid_period
 
 OK_CODE = "2"
 #: seed 000 §2.5; "0 unknown error", "1 submit failed", "4010 channel error" are worth a retry

@@ -451,7 +451,7 @@ def decode_image(data: bytes) -> np.ndarray:
     """BGR pixels of a JPEG, PNG or BMP (a PDF: its first page). Raises ValueError."""
     from PIL import Image, UnidentifiedImageError
 
-    from pipeline.images import ImageLimits, ImageRejected, prepare, sniff
+    from pipeline.domain.images import ImageLimits, ImageRejected, prepare, sniff
 
     if sniff(data[:1024]) == "pdf":
         try:

@@ -12,7 +12,7 @@ The answer has two layers, and both are read here, at the boundary:
   (true = a card was recognised).
 
 Seed 003 documents only the success values. The error codes below are the ones the sandbox
-emulates (``pipeline/sandbox/server.py``), and envelope error texts are also read, because
+emulates (``idocr_sandbox/server.py``), and envelope error texts are also read, because
 the real platform words its refusals ("appKey不存在", "用户未购买该接口", "剩余次数不足") more
 reliably than it numbers them.
 
@@ -55,7 +55,7 @@ import httpx
 
 from pipeline.providers.base import ImagePayload, Outcome, ProviderResult
 from pipeline.providers.http import encode_form, make_client, post_form
-from pipeline.validation import LONG_TERM, parse_date, parse_valid_period
+from pipeline.domain.validation import LONG_TERM, parse_date, parse_valid_period
 
 API_PATH = "/1429-1"
 

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.images import SNIFF_BYTES, sniff
+from pipeline.domain.images import SNIFF_BYTES, sniff
 from pipeline.sources.base import SourceError, SourceRef
 
 _CHUNK = 1 << 20

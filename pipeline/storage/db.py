@@ -85,7 +85,7 @@ def make_engine(url: str) -> Engine:
         return engine
     # No pre-ping (a round trip before every transaction): a connection the server dropped
     # fails its statement with an error the callers treat as transient and retry
-    # (pipeline.resilience), on a fresh connection since the pool invalidates the dead one.
+    # (pipeline.coordination.resilience), on a fresh connection since the pool invalidates the dead one.
     engine = create_engine(
         url, pool_size=10, max_overflow=10, pool_recycle=1800, hide_parameters=True
     )

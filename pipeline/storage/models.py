@@ -102,7 +102,7 @@ class Item(TimestampMixin, Base):
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     source_key: Mapped[str] = mapped_column(Text)
     source_uri: Mapped[str] = mapped_column(Text)
-    #: the name front and back of one card share (:func:`pipeline.pairing.pair_key`)
+    #: the name front and back of one card share (:func:`pipeline.domain.pairing.pair_key`)
     pair_key: Mapped[str | None] = mapped_column(Text)
     #: "sha256:<hex>" when the bytes were read at scan time, "etag:<etag>" otherwise
     fingerprint: Mapped[str] = mapped_column(String(160))

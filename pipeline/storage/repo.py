@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
-from pipeline.pairing import PAIR_CHECK, SideRecord, pair_checks, pair_key
+from pipeline.domain.pairing import PAIR_CHECK, SideRecord, pair_checks, pair_key
 from pipeline.storage.models import (
     FINAL_STATUSES,
     Attempt,
@@ -270,7 +270,7 @@ def claim_row(session: Session, item_id: int, worker: str, stale_before: datetim
 
     ``stale_before``: an item claimed before then whose worker never renewed its claim since (a
     crash, a killed container) may be claimed again; what its calls left is settled by the
-    taker (:meth:`pipeline.processing.Processor._claim`)."""
+    taker (:meth:`pipeline.workflows.processing.Processor._claim`)."""
     now = utcnow()
     row = session.execute(
         update(Item)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from pipeline.sandbox.server import FaultPlan
+from idocr_sandbox.server import FaultPlan
 from tests.conftest import EXAMPLES, idocr_env
 from tests.e2e.test_cli import TRUTH, assert_exact, export, idocr, ihuyi_env
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.sandbox.cardset import make_card_set
-from pipeline.sandbox.truth import TruthIndex
+from idocr_sandbox.cardset import make_card_set
+from idocr_sandbox.truth import TruthIndex
 from tests.conftest import IDOCR, idocr_env
 
 # -- helpers -----------------------------------------------------------------------------------

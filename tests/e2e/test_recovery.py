@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
-from pipeline.sandbox.cardset import make_card_set
-from pipeline.sandbox.truth import TruthIndex
+from idocr_sandbox.cardset import make_card_set
+from idocr_sandbox.truth import TruthIndex
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Item

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.sandbox.server import FaultPlan
+from idocr_sandbox.server import FaultPlan
 from tests.conftest import EXAMPLES
 from tests.e2e.test_cli import BAD, TRUTH, assert_exact, export, idocr, ihuyi_env
 

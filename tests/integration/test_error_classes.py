@@ -19,14 +19,14 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from pipeline.images import ImageLimits
-from pipeline.processing import Processor, RetryPolicy
-from pipeline.producer import scan
+from pipeline.domain.images import ImageLimits
+from pipeline.workflows.processing import Processor, RetryPolicy
+from pipeline.workflows.producer import scan
 from pipeline.providers.ihuyi import IhuyiClient
 from pipeline.providers.showapi import ShowapiClient
-from pipeline.quota import QuotaExhausted, QuotaLedger
-from pipeline.ratelimit import RateLimiter, rate_key
-from pipeline.sandbox.server import IHUYI_MESSAGES, FaultPlan
+from pipeline.coordination.quota import QuotaExhausted, QuotaLedger
+from pipeline.coordination.ratelimit import RateLimiter, rate_key
+from idocr_sandbox.server import IHUYI_MESSAGES, FaultPlan
 from pipeline.sources.local import LocalSource
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
@@ -93,7 +93,7 @@ def enqueue(db_url: str, tmp_path: Path, provider: str, *images: Path) -> list[i
 
 def stranger(tmp_path: Path) -> Path:
     """A well-formed card image that is in no truth file: the provider cannot read it."""
-    from pipeline.sandbox.cards import encode, random_identity, render_card
+    from idocr_sandbox.cards import encode, random_identity, render_card
 
     path = tmp_path / "stranger.jpg"
     path.write_bytes(encode(render_card("front", random_identity(random.Random(5), "front")), "JPEG"))
@@ -346,7 +346,7 @@ def test_ihuyi_40501_with_a_single_attempt_allowed_still_pauses(db_url: str, tmp
 
 
 def test_balance_query_with_a_rejected_time_is_resigned_then_pauses_for_the_clock(db_url: str, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
-    from pipeline import control
+    from pipeline.workflows import control
     from pipeline.config import Settings
 
     sandbox = sandbox_factory()
@@ -372,7 +372,7 @@ def test_balance_query_with_a_rejected_time_is_resigned_then_pauses_for_the_cloc
 def test_the_balance_monitor_reads_every_interval_and_often_while_a_quota_pause_waits(db_url: str, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     """The beat runs every IDOCR_BALANCE_INTERVAL_PAUSED; it reads the balance only when the last
     reading is IDOCR_BALANCE_INTERVAL old, or at every beat while a quota pause waits."""
-    from pipeline import control
+    from pipeline.workflows import control
     from pipeline.config import Settings
 
     sandbox = sandbox_factory()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from pipeline import control
+from pipeline.workflows import control
 from pipeline.config import Settings
 from pipeline.runtime import build_processor
 from pipeline.storage import repo

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pipeline.images import prepare
+from pipeline.domain.images import prepare
 from pipeline.providers.base import ImagePayload, Outcome
-from pipeline.validation import check_fields
+from pipeline.domain.validation import check_fields
 from tests.conftest import EXAMPLES
 
 if TYPE_CHECKING:

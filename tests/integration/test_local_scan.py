@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from pipeline.producer import scan
+from pipeline.workflows.producer import scan
 from pipeline.sources.local import LocalSource
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Item

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from pipeline.export import records
-from pipeline.output import (
+from pipeline.outputs.records import records
+from pipeline.outputs.files import (
     FolderOutput,
     OutputError,
     S3Output,
@@ -174,7 +174,7 @@ def test_folder_output(db_url: str, tmp_path: Path) -> None:
     assert report.records == 7
     assert report.manifest == str(out / BATCH / "manifest.json")
     assert report.counts == dict(sorted(Counter(r["status"] for r in expected).items()))
-    # A duplicate carries its original's answer (pipeline.export).
+    # A duplicate carries its original's answer (pipeline.outputs.records).
     assert report.counts == {"failed": 2, "queued": 1, "rejected": 1, "succeeded": 3}
 
     # Each document is the record as UTF-8 (not \\u escapes), indented.

@@ -10,14 +10,14 @@ from pathlib import Path
 import redis
 from sqlalchemy import select
 
-from pipeline.gate import PauseSignal
-from pipeline.images import ImageLimits
-from pipeline.processing import Processor, RetryPolicy
-from pipeline.producer import scan
+from pipeline.coordination.gate import PauseSignal
+from pipeline.domain.images import ImageLimits
+from pipeline.workflows.processing import Processor, RetryPolicy
+from pipeline.workflows.producer import scan
 from pipeline.providers.ihuyi import IhuyiClient
-from pipeline.quota import QuotaExhausted, QuotaLedger
-from pipeline.ratelimit import RateLimiter, rate_key
-from pipeline.sandbox.server import FaultPlan
+from pipeline.coordination.quota import QuotaExhausted, QuotaLedger
+from pipeline.coordination.ratelimit import RateLimiter, rate_key
+from idocr_sandbox.server import FaultPlan
 from pipeline.sources.local import LocalSource
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
@@ -188,7 +188,7 @@ def test_retries_are_bounded_then_the_item_fails(db_url: str, tmp_path: Path, sa
 def test_unknown_image_fails_without_retry(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     import random
 
-    from pipeline.sandbox.cards import encode, random_identity, render_card
+    from idocr_sandbox.cards import encode, random_identity, render_card
 
     sandbox = sandbox_factory()
     folder = tmp_path / "in"
@@ -220,7 +220,7 @@ def test_wrong_key_pauses_and_fails_nothing(db_url: str, tmp_path: Path, sandbox
 
 
 def test_quota_ledger_pauses_before_the_provider_refuses(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
-    from pipeline import control
+    from pipeline.workflows import control
     from pipeline.config import Settings
 
     sandbox = sandbox_factory(quota=3)
@@ -250,7 +250,7 @@ def test_quota_ledger_pauses_before_the_provider_refuses(db_url: str, tmp_path: 
 def test_a_claim_whose_worker_died_is_taken_over_after_the_lease(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
-    from pipeline.journal import SentMarks
+    from pipeline.coordination.journal import SentMarks
 
     sandbox = sandbox_factory()
     folder = tmp_path / "in"
@@ -288,7 +288,7 @@ def test_a_claim_whose_worker_died_is_taken_over_after_the_lease(db_url: str, tm
 
 
 def test_a_resume_racing_a_parking_worker_loses_no_item_and_is_not_undone(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.processing import _Paused
+    from pipeline.workflows.processing import _Paused
 
     sandbox = sandbox_factory()
     folder = tmp_path / "in"

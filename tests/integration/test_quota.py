@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from pipeline.quota import QuotaExhausted, QuotaLedger, Reservation, quota_key
+from pipeline.coordination.quota import QuotaExhausted, QuotaLedger, Reservation, quota_key
 
 pytestmark = pytest.mark.redis
 

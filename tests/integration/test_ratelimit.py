@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.ratelimit import RateLimiter, RateLimitTimeout, rate_key
+from pipeline.coordination.ratelimit import RateLimiter, RateLimitTimeout, rate_key
 
 pytestmark = pytest.mark.redis
 

@@ -14,11 +14,11 @@ import redis
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, update
 
-from pipeline.heartbeat import Heartbeat
-from pipeline.journal import AnswerJournal, Entry, SentMarks
+from pipeline.coordination.heartbeat import Heartbeat
+from pipeline.coordination.journal import AnswerJournal, Entry, SentMarks
 from pipeline.providers.base import Outcome, ProviderResult
-from pipeline.reconcile import Reconciler, ensure_epoch, epoch_key
-from pipeline.resilience import OutageTooLong, outlast
+from pipeline.workflows.reconcile import Reconciler, ensure_epoch, epoch_key
+from pipeline.coordination.resilience import OutageTooLong, outlast
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Attempt, Item, Result, utcnow
@@ -227,7 +227,7 @@ def test_outages_are_waited_out_and_bugs_are_not() -> None:
 def test_the_answer_write_waits_out_the_database_and_keeps_the_answer_meanwhile(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """Unit of one behaviour: the first write of the answer fails on the database; the answer
     is in the journal before the retry, and gone from it after."""
-    import pipeline.processing as processing
+    import pipeline.workflows.processing as processing
 
     sandbox = sandbox_factory()
     item_id = one_item(db_url, tmp_path)

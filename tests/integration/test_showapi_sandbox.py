@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.providers.base import ImagePayload, Outcome
 from pipeline.providers.showapi import ShowapiClient
-from pipeline.sandbox.server import FaultPlan
+from idocr_sandbox.server import FaultPlan
 from tests.conftest import EXAMPLES
 
 TRUTH: list[dict[str, Any]] = json.loads((EXAMPLES / "truth.json").read_text(encoding="utf-8"))["images"]

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import update
 
 from pipeline.config import Settings
-from pipeline.export import records, write_csv
-from pipeline.status import NoSuchBatch, collect, latest_batch_id
+from pipeline.outputs.records import records, write_csv
+from pipeline.workflows.status import NoSuchBatch, collect, latest_batch_id
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Attempt, Batch, Item, ItemStatus
@@ -132,7 +132,7 @@ def test_excel_csv_keeps_the_id_number_as_text(sqlite_url: str) -> None:
 def test_status_reads_the_live_quota_ledger(sqlite_url: str, redis_url: str) -> None:
     import redis
 
-    from pipeline.quota import QuotaLedger
+    from pipeline.coordination.quota import QuotaLedger
 
     _batch(sqlite_url, "b", [_row("a.jpg")], datetime.now(UTC))
     client = redis.Redis.from_url(redis_url)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from pipeline.images import prepare
-from pipeline.sandbox.cards import (
+from pipeline.domain.images import prepare
+from idocr_sandbox.cards import (
     BACK_FIELDS,
     FRONT_FIELDS,
     check_digit,

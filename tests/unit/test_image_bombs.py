@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.images import (
+from pipeline.domain.images import (
     DecodeBudget,
     ImageLimits,
     ImageRejected,
@@ -128,7 +128,7 @@ _MEASURE = textwrap.dedent(
     import json, sys
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
-    from pipeline.images import ImageLimits, ImageRejected, prepare
+    from pipeline.domain.images import ImageLimits, ImageRejected, prepare
 
     folder, copies, guarded = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
     names = json.loads(sys.argv[4])

@@ -1,4 +1,4 @@
-"""pipeline.images: the checks that run before any provider call spends quota."""
+"""pipeline.domain.images: the checks that run before any provider call spends quota."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from pipeline.images import (
+from pipeline.domain.images import (
     IMAGE_EXTENSIONS,
     ImageLimits,
     ImageRejected,

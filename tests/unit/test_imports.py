@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 MODULES = ["workers.app", "workers.tasks", "workers.queue", "pipeline.cli", "pipeline.runtime",
-           "pipeline.processing", "pipeline.reconcile", "pipeline.control", "pipeline.metrics"]
+           "pipeline.workflows.processing", "pipeline.workflows.reconcile", "pipeline.workflows.control", "pipeline.metrics"]
 
 
 def test_importing_every_entry_module_creates_nothing(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.images import ImageLimits
-from pipeline.producer import to_new_item
+from pipeline.domain.images import ImageLimits
+from pipeline.workflows.producer import to_new_item
 from pipeline.sources.base import SourceError
 from pipeline.sources.local import LocalSource, read_uri
 

@@ -12,7 +12,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from stdnum.cn import ric
 
-from pipeline.validation import (
+from pipeline.domain.validation import (
     PIIFilter,
     is_id_number,
     mask_file_name,

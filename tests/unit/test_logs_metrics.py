@@ -160,7 +160,7 @@ def test_state_gauges_come_from_sql_and_redis(
 
     from pipeline.config import Settings
     from pipeline.metrics import build_registry
-    from pipeline.quota import QuotaLedger
+    from pipeline.coordination.quota import QuotaLedger
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
 

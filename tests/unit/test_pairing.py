@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.pairing import SideRecord, pair_checks, pair_key
+from pipeline.domain.pairing import SideRecord, pair_checks, pair_key
 
 
 @pytest.mark.parametrize(("a", "b"), [

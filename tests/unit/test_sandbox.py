@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from pipeline.providers.ihuyi_sign import sign_getnum, sign_submit
-from pipeline.sandbox.server import FaultPlan, SandboxConfig, SandboxServer
-from pipeline.sandbox.truth import TruthIndex, dhash
+from idocr_sandbox.server import FaultPlan, SandboxConfig, SandboxServer
+from idocr_sandbox.truth import TruthIndex, dhash
 
 ACCOUNT, KEY, APPKEY = "sandbox", "sandbox-key", "sandbox-appkey"
 
@@ -699,7 +699,7 @@ def test_cli_in_another_process(tmp_path: Path, images):
         [
             sys.executable,
             "-m",
-            "pipeline.sandbox.server",
+            "idocr_sandbox.server",
             "--truth",
             str(truth),
             "--url-file",
@@ -789,7 +789,7 @@ def test_odd_input_never_crashes(client, server, images):
 
 
 def test_logs_carry_no_secrets_or_images(client, server, images, caplog):
-    caplog.set_level(logging.DEBUG, logger="pipeline.sandbox")
+    caplog.set_level(logging.DEBUG, logger="idocr_sandbox")
     img_b64 = b64(images["front"])
     submit(client, images["front"], method="GET")
     submit(client, images["front"])

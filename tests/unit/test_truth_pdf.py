@@ -1,7 +1,7 @@
 """PDF truth entries: the sandbox recognises a PDF by the first page the pipeline renders from it.
 
 ihuyi accepts PDF and reads only its first page (seed 000 §1.6); the pipeline never sends the
-PDF itself but :func:`pipeline.images.prepare`'s JPEG of that page, whose bytes no truth sha256
+PDF itself but :func:`pipeline.domain.images.prepare`'s JPEG of that page, whose bytes no truth sha256
 lists. The truth index therefore hashes a PDF truth file on that same rendering.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageLimits, prepare
+from pipeline.domain.images import ImageLimits, prepare
 from pipeline.providers.base import ImagePayload, Outcome
 from pipeline.providers.ihuyi import IhuyiClient
-from pipeline.sandbox.cards import random_identity, render_card
-from pipeline.sandbox.server import SandboxConfig, SandboxServer
-from pipeline.sandbox.truth import DHASH_MAX_DISTANCE, TruthIndex, dhash
+from idocr_sandbox.cards import random_identity, render_card
+from idocr_sandbox.server import SandboxConfig, SandboxServer
+from idocr_sandbox.truth import DHASH_MAX_DISTANCE, TruthIndex, dhash
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TRUTH_FILE = EXAMPLES / "truth.json"

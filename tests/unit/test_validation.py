@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.validation: field checks, period rules, parsing and PII masking."""
+"""Unit tests for pipeline.domain.validation: field checks, period rules, parsing and PII masking."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 from stdnum.cn import ric
 
-from pipeline.validation import (
+from pipeline.domain.validation import (
     LONG_TERM,
     PIIFilter,
     check_fields,

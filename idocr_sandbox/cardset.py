@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from pipeline.sandbox.cards import encode, random_identity, render_card
+from idocr_sandbox.cards import encode, random_identity, render_card
 
 
 def make_card_set(folder: Path, n: int, *, seed: int = 0, size: tuple[int, int] = (640, 404)) -> Path:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 
-from pipeline.images import IMAGE_EXTENSIONS, ImageLimits
+from pipeline.domain.images import IMAGE_EXTENSIONS, ImageLimits
 from pipeline.sources.base import Source, SourceError, SourceRef
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work

@@ -2,7 +2,7 @@
 
 It speaks ihuyi's protocol (seed 000: ``/ocr/Submit.json``, ``/ocr/GetNum.json``, MD5 dynamic
 password, its error codes) and showapi's (seed 003: ``/1429-1?appKey=``, the
-``showapi_res_*`` envelope), answers from a :class:`~pipeline.sandbox.truth.TruthIndex`, keeps a
+``showapi_res_*`` envelope), answers from a :class:`~idocr_sandbox.truth.TruthIndex`, keeps a
 paid quota shared by both protocols, and injects faults on a seeded schedule. Everything the
 pipeline must get right against the real services — one billed call per image, staying under
 the quota, re-signing on a stale time, telling image errors from transient ones — can be
@@ -51,7 +51,7 @@ import httpx
 
 from pipeline.providers.ihuyi_sign import APP as IHUYI_APP
 from pipeline.providers.ihuyi_sign import sign_getnum, sign_submit
-from pipeline.sandbox.truth import Match, TruthEntry, TruthIndex, decode_image
+from idocr_sandbox.truth import Match, TruthEntry, TruthIndex, decode_image
 
 __all__ = [
     "IHUYI_MESSAGES",
@@ -1250,7 +1250,7 @@ class SandboxServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.sandbox.server --truth truth.json --port 8700``.
+    """``python -m idocr_sandbox.server --truth truth.json --port 8700``.
 
     Settings not given on the command line come from ``IDOCR_SANDBOX_*`` (see
     :meth:`SandboxConfig.from_env`).

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from pipeline.validation import age_on, expected_period_years
+from pipeline.domain.validation import age_on, expected_period_years
 
 __all__ = [
     "BACK_FIELDS",

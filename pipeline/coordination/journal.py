@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from pipeline.providers.base import Outcome, ProviderResult
-from pipeline.resilience import is_infra_error
+from pipeline.coordination.resilience import is_infra_error
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ Lookup is exact by sha256 first; otherwise perceptual, by a 64-bit difference ha
 pipeline normalises images before sending them (downscale, re-encode) and must still be
 recognised. A sandbox that only knew exact bytes would fail every normalised image and hide
 whether the pipeline's field handling works. A PDF truth file (ihuyi accepts PDF and reads its
-first page) is hashed on that page as :func:`pipeline.images.prepare` renders it, since that
+first page) is hashed on that page as :func:`pipeline.domain.images.prepare` renders it, since that
 rendering, not the PDF, is what the pipeline sends.
 """
 
@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from PIL import Image, ImageOps
 
-from pipeline.images import SNIFF_BYTES, ImageLimits, ImageRejected, prepare, sniff
+from pipeline.domain.images import SNIFF_BYTES, ImageLimits, ImageRejected, prepare, sniff
 
 __all__ = [
     "BACK_FIELDS",
@@ -107,7 +107,7 @@ def _truth_dhash(data: bytes) -> int | None:
     """dhash of a truth file: an image as stored, a PDF as the pipeline sends it.
 
     The pipeline never sends a PDF itself but its first page rendered by
-    :func:`pipeline.images.prepare`, so that rendering is what a PDF truth entry must resemble.
+    :func:`pipeline.domain.images.prepare`, so that rendering is what a PDF truth entry must resemble.
     Grayscale is not refused here: that is the pipeline's policy, not a property of the truth.
     """
     if sniff(data[:SNIFF_BYTES]) != "pdf":

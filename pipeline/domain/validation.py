@@ -655,7 +655,7 @@ def redact_text(s: str) -> str:
 # Whole values whose meaning the code knows are masked by their field's masker instead (see
 # :class:`PIIFilter`).
 _KEPT_WORDS: Final = (
-    # side words (the same as pipeline.pairing's)
+    # side words (the same as pipeline.domain.pairing's)
     "人像面 国徽面 正面 反面 背面 人像 国徽 "
     # the card's printed labels and words about the card
     "中华人民共和国 居民身份证 身份证 公民身份号码 签发机关 有效期限 长期有效 长期 "

@@ -15,9 +15,9 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Settings
-from pipeline.export import utc_iso
+from pipeline.outputs.records import utc_iso
 from pipeline.storage.models import FINAL_STATUSES, Attempt, Batch, Item
-from pipeline.validation import redact_text
+from pipeline.domain.validation import redact_text
 
 __all__ = ["BatchStatus", "NoSuchBatch", "collect", "latest_batch_id", "recent_batch_ids"]
 
@@ -126,7 +126,7 @@ def _quota_snapshot(settings: Settings, provider: str, account: str) -> dict[str
         return None
     import redis
 
-    from pipeline.quota import QuotaLedger
+    from pipeline.coordination.quota import QuotaLedger
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
     try:

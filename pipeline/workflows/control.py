@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pipeline.config import Settings
-from pipeline.gate import PauseSignal
+from pipeline.coordination.gate import PauseSignal
 from pipeline.providers.base import BalanceError, Outcome, Provider
-from pipeline.quota import QuotaLedger
-from pipeline.ratelimit import RateLimiter
-from pipeline.redisconn import redis_client
+from pipeline.coordination.quota import QuotaLedger
+from pipeline.coordination.ratelimit import RateLimiter
+from pipeline.coordination.redisconn import redis_client
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Pause

@@ -13,10 +13,10 @@ Money rules, in code order:
   attempt with no outcome (unknown: it may have been billed), never a silent double charge;
 * only transient failures are retried (tenacity, exponential backoff with jitter, bounded);
 * the database and Redis failing are not the image's fault: every step that needs them waits
-  the outage out (:mod:`pipeline.resilience`) instead of failing the item or dropping its message;
+  the outage out (:mod:`pipeline.coordination.resilience`) instead of failing the item or dropping its message;
 * a paid answer is written together with its attempt and the item's final status, in one
   transaction guarded by the claim; if that write fails the answer goes to the journal
-  (:mod:`pipeline.journal`) first, and a takeover or the reconciler uses it instead of calling
+  (:mod:`pipeline.coordination.journal`) first, and a takeover or the reconciler uses it instead of calling
   again;
 * a takeover (the claim's lease ran out: its worker died) settles what the lost worker left:
   a journaled answer is used; an attempt that never left (no sent mark) is dropped; one that
@@ -39,18 +39,18 @@ from typing import Any, Protocol
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from pipeline import metrics
-from pipeline.gate import PauseSignal
-from pipeline.heartbeat import Heartbeat
-from pipeline.images import ImageLimits, ImageRejected, prepare, sniff
-from pipeline.journal import AnswerJournal, Entry, SentMarks
+from pipeline.coordination.gate import PauseSignal
+from pipeline.coordination.heartbeat import Heartbeat
+from pipeline.domain.images import ImageLimits, ImageRejected, prepare, sniff
+from pipeline.coordination.journal import AnswerJournal, Entry, SentMarks
 from pipeline.providers.base import ImagePayload, Outcome, Provider, ProviderResult
-from pipeline.resilience import OutageTooLong, is_infra_error, outlast
+from pipeline.coordination.resilience import OutageTooLong, is_infra_error, outlast
 from pipeline.sources import read_uri
 from pipeline.sources.base import SourceError
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import ItemStatus, utcnow
-from pipeline.validation import check_fields
+from pipeline.domain.validation import check_fields
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Processor:
     # -- the task body -------------------------------------------------------------------------
     def process(self, item_id: int) -> str:
         """Returns the item's status after this delivery ("skipped": someone else has it).
-        Raises :class:`~pipeline.resilience.OutageTooLong` when the database or Redis stayed
+        Raises :class:`~pipeline.coordination.resilience.OutageTooLong` when the database or Redis stayed
         away for the whole patience: the caller hands the message back."""
         if self.heartbeat is not None:
             self.heartbeat.hold(item_id)
@@ -588,7 +588,7 @@ class Processor:
     def _open_pause(self) -> Any:
         """The open pause of this account, or None. Read from SQL again only when the pause
         signal moved (a pause or resume anywhere), or ``gate_ttl`` seconds after the last read
-        (:mod:`pipeline.gate`), not before every call."""
+        (:mod:`pipeline.coordination.gate`), not before every call."""
         now = time.monotonic()
         version = None
         if self.pause_signal is not None:

@@ -3,7 +3,7 @@
 Anything the broker can lose is found again from SQL, one indexed query per kind per pass
 (``ix_items_status_updated_at``; no table scans at millions of items):
 
-1. **Journaled answers** (:mod:`pipeline.journal`): a paid answer its worker could not write is
+1. **Journaled answers** (:mod:`pipeline.coordination.journal`): a paid answer its worker could not write is
    written now, if the item is still waiting for it (its claim abandoned, or failed as
    ``unknown``); entries for items already settled are dropped.
 2. **A broker that lost its data** (a Redis restarted empty): the producer leaves an epoch
@@ -32,8 +32,8 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 
-from pipeline.journal import AnswerJournal
-from pipeline.processing import apply_answer
+from pipeline.coordination.journal import AnswerJournal
+from pipeline.workflows.processing import apply_answer
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import FINAL_STATUSES, Item, ItemStatus, utcnow

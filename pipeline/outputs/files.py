@@ -3,7 +3,7 @@
 This is how batch document services (Textract, Document AI batch jobs) hand back results: the
 caller names an output location and finds there, per batch::
 
-    {batch}/results/{item_id:012d}.json   the normalised record of one item (pipeline.export)
+    {batch}/results/{item_id:012d}.json   the normalised record of one item (pipeline.outputs.records)
     {batch}/manifest.jsonl                one line per item: source, key, status, result
     {batch}/manifest.json                 summary: batch, created_at, counts, the jsonl's name
 
@@ -57,7 +57,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from pipeline.export import records
+from pipeline.outputs.records import records
 from pipeline.sources.s3 import SCHEME, describe_error, is_transient, make_s3_client, parse_s3_uri
 from pipeline.storage.models import Batch, Item
 
