@@ -92,8 +92,8 @@ def _init(baseline: bool = False) -> None:
 def _one(job: tuple[int, bool]) -> dict[str, Any]:
     seed, hard = job
     from pipeline.domain.images import ImageRejected, prepare
-    from pipeline.providers.base import ImagePayload
     from pipeline.domain.validation import check_fields
+    from pipeline.providers.base import ImagePayload
 
     data, truth = make_sample(seed, hard=hard)
     try:

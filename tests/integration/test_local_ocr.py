@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pipeline.domain.images import prepare
-from pipeline.providers.base import ImagePayload, Outcome
 from pipeline.domain.validation import check_fields
+from pipeline.providers.base import ImagePayload, Outcome
 from tests.conftest import EXAMPLES
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ import datetime
 
 import pytest
 
-from pipeline.providers.cardfields import ETHNICITIES, TextBox, clean_period, extract
 from pipeline.domain.validation import check_fields
+from pipeline.providers.cardfields import ETHNICITIES, TextBox, clean_period, extract
 
 # A card of 856 x 540 in the upright frame; rows 40 px apart.
 ID = "110105199003071235"  # checksum-valid (GB 11643)
