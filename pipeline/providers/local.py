@@ -501,7 +501,8 @@ class LocalOCRClient:
         return self.send(self.prepare(image))
 
     def prepare(self, image: ImagePayload) -> ImagePayload:
-        """Nothing to encode: the image is decoded by :meth:`send`, inside the OCR slot."""
+        """Nothing to encode: :meth:`send` decodes the image (no rate-limiter slot to prepare
+        for: the local engine has none)."""
         return image
 
     def _fetch(self, url: str) -> bytes:
