@@ -97,8 +97,10 @@ class CardOCR:
 
     def __init__(self, det_long_side: int = DET_LONG_SIDE) -> None:
         import cv2
-        from rapidocr_onnxruntime import RapidOCR
-        from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+        from rapidocr_onnxruntime import RapidOCR  # type: ignore[import-untyped]
+        from rapidocr_onnxruntime.ch_ppocr_det.utils import (  # type: ignore[import-untyped]
+            DetPreProcess,
+        )
 
         cv2.setNumThreads(1)
         self._cv2 = cv2
@@ -150,8 +152,8 @@ class CardOCR:
     def _crop(self, img: np.ndarray, quad: np.ndarray, theta: float) -> np.ndarray:
         """The line inside ``quad`` cut out so that it reads left to right along ``theta``."""
         u, v = _frame(quad, theta)
-        tl, br = np.argmin(u + v), np.argmax(u + v)
-        tr, bl = np.argmax(u - v), np.argmin(u - v)
+        tl, br = int(np.argmin(u + v)), int(np.argmax(u + v))
+        tr, bl = int(np.argmax(u - v)), int(np.argmin(u - v))
         if len({tl, br, tr, bl}) < 4:  # degenerate: fall back to the box's own order
             tl, tr, br, bl = 0, 1, 2, 3
         src = quad[[tl, tr, br, bl]].astype(np.float32)
