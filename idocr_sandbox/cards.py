@@ -23,7 +23,6 @@ import random
 from collections.abc import Mapping
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-
 from pipeline.domain.validation import age_on, expected_period_years
 
 __all__ = [
@@ -125,7 +124,9 @@ def _face_index(path: str) -> int:
 def _bold_sibling(path: str) -> str:
     for a, b in (("Regular", "Bold"), ("regular", "bold")):
         if a in os.path.basename(path):
-            candidate = os.path.join(os.path.dirname(path), os.path.basename(path).replace(a, b))
+            candidate = os.path.join(
+                os.path.dirname(path), os.path.basename(path).replace(a, b)
+            )
             if os.path.isfile(candidate):
                 return candidate
     return path
@@ -154,7 +155,11 @@ class _Fonts:
                 pass
         try:
             return ImageFont.load_default(size=size)
-        except (TypeError, ImportError, OSError):  # Pillow without FreeType: one fixed size
+        except (
+            TypeError,
+            ImportError,
+            OSError,
+        ):  # Pillow without FreeType: one fixed size
             return ImageFont.load_default()
 
 
@@ -162,7 +167,9 @@ class _Fonts:
 # Fictitious identities
 # --------------------------------------------------------------------------------------------
 
-_SURNAMES = "王李张刘陈杨赵黄周吴徐孙胡朱高林何郭马罗梁宋郑谢韩唐冯于董萧程曹袁邓许傅沈曾彭吕"
+_SURNAMES = (
+    "王李张刘陈杨赵黄周吴徐孙胡朱高林何郭马罗梁宋郑谢韩唐冯于董萧程曹袁邓许傅沈曾彭吕"
+)
 # Given-name characters common in each gender's names, so a drawn name does not contradict
 # the gender digit of its own ID number.
 _GIVEN_MALE = tuple("伟强磊军洋勇杰涛明超刚建国文博宇浩然轩晨阳斌鹏辉志")
@@ -246,7 +253,9 @@ def _add_years(day: dt.date, years: int) -> dt.date:
 def random_person(rng: random.Random) -> dict[str, str]:
     """All nine normalised fields of one fictitious person, front and back consistent."""
     born = _random_date(rng, dt.date(1950, 1, 1), dt.date(2012, 12, 31))
-    code, place, authority, _since = rng.choice([r for r in _REGIONS if r[3] <= born.year])
+    code, place, authority, _since = rng.choice(
+        [r for r in _REGIONS if r[3] <= born.year]
+    )
     gender = rng.choice(("男", "女"))
     # The 17th digit is odd for men, even for women; the two before it are a free sequence.
     seq = rng.randint(0, 99) * 10 + rng.choice(
@@ -264,7 +273,9 @@ def random_person(rng: random.Random) -> dict[str, str]:
     domicile = f"{place}{rng.choice(_STREETS)}{rng.randint(1, 399)}号"
     if rng.random() < 0.7:
         building, unit = rng.randint(1, 30), rng.randint(1, 6)
-        domicile += f"{building}栋{unit}单元{rng.randint(1, 28)}{rng.randint(1, 4):02d}室"
+        domicile += (
+            f"{building}栋{unit}单元{rng.randint(1, 28)}{rng.randint(1, 4):02d}室"
+        )
 
     earliest = max(_FIRST_ISSUE, _add_years(born, 1))
     issued = _random_date(rng, earliest, _LAST_ISSUE)
@@ -334,10 +345,15 @@ def _background(size: tuple[int, int], digest: bytes) -> Image.Image:
     beige: _RGB = (rng.randint(246, 252), rng.randint(230, 238), rng.randint(196, 208))
 
     mask = Image.linear_gradient("L").rotate(
-        rng.uniform(0, 360), resample=Image.Resampling.BICUBIC, expand=False, fillcolor=128
+        rng.uniform(0, 360),
+        resample=Image.Resampling.BICUBIC,
+        expand=False,
+        fillcolor=128,
     )
     mask = mask.crop((48, 48, 208, 208)).resize(size, Image.Resampling.BILINEAR)
-    img = Image.composite(Image.new("RGB", size, beige), Image.new("RGB", size, blue), mask)
+    img = Image.composite(
+        Image.new("RGB", size, beige), Image.new("RGB", size, blue), mask
+    )
 
     # An 8x8 mosaic, one digest bit per cell, lighter or deeper blue. It lines up with the 8x8
     # grids that average/difference hashes sample, so two cards with different fields land
@@ -349,7 +365,12 @@ def _background(size: tuple[int, int], digest: bytes) -> Image.Image:
     bits = int.from_bytes(digest, "big")
     for i in range(cols * rows):
         cx, cy = i % cols, i // cols
-        box = (cx * w // cols, cy * h // rows, (cx + 1) * w // cols, (cy + 1) * h // rows)
+        box = (
+            cx * w // cols,
+            cy * h // rows,
+            (cx + 1) * w // cols,
+            (cy + 1) * h // rows,
+        )
         if (bits >> i) & 1:
             od.rectangle(box, fill=(255, 253, 245, 95))
         else:
@@ -366,7 +387,10 @@ def _background(size: tuple[int, int], digest: bytes) -> Image.Image:
         base_y = h * (k + 0.5) / 12 + rng.uniform(-h / 40, h / 40)
         colour = _mix(blue, (90, 140, 190), rng.uniform(0.25, 0.45)) + (110,)
         step = max(2, w // 250)
-        pts = [(x, base_y + amp * math.sin(freq * x + phase)) for x in range(0, w + step, step)]
+        pts = [
+            (x, base_y + amp * math.sin(freq * x + phase))
+            for x in range(0, w + step, step)
+        ]
         d.line(pts, fill=colour, width=line_w)
 
     # A rosette of overlapping ellipses, centre and petal count from the digest.
@@ -419,7 +443,9 @@ def _date_text(iso: str, sep: str) -> str:
     try:
         day = dt.date.fromisoformat(iso)
     except ValueError:
-        return iso  # keep whatever the caller gave: tests may draw deliberately odd values
+        return (
+            iso  # keep whatever the caller gave: tests may draw deliberately odd values
+        )
     return f"{day:%Y}{sep}{day:%m}{sep}{day:%d}"
 
 
@@ -444,7 +470,9 @@ class _Canvas:
     def p(self, x: float, y: float) -> tuple[float, float]:
         return x * self.sx, y * self.sy
 
-    def box(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
+    def box(
+        self, x0: float, y0: float, x1: float, y1: float
+    ) -> tuple[float, float, float, float]:
         return x0 * self.sx, y0 * self.sy, x1 * self.sx, y1 * self.sy
 
     def font(self, size: float, bold: bool = False) -> _Font:
@@ -462,7 +490,12 @@ class _Canvas:
         tracking: float = 0.0,
     ) -> float:
         end = _spaced(
-            self.draw, self.p(x, y), text, self.font(size, bold), fill, tracking * self.sx
+            self.draw,
+            self.p(x, y),
+            text,
+            self.font(size, bold),
+            fill,
+            tracking * self.sx,
         )
         return end / self.sx
 
@@ -473,7 +506,9 @@ def _portrait(c: _Canvas, digest: bytes) -> None:
     rng = random.Random(digest[::-1])
     x0, y0, x1, y1 = 640, 80, 930, 450
     tint = _mix(
-        (236, 240, 246), (rng.randint(200, 255), rng.randint(200, 255), rng.randint(200, 255)), 0.35
+        (236, 240, 246),
+        (rng.randint(200, 255), rng.randint(200, 255), rng.randint(200, 255)),
+        0.35,
     )
     c.draw.rectangle(c.box(x0, y0, x1, y1), fill=tint)
     cloth: _RGB = rng.choice(
@@ -493,7 +528,9 @@ def _emblem(c: _Canvas, cx: float, cy: float, r: float) -> None:
     # A placeholder, deliberately not the state emblem: red disc, gold rings, five stars.
     red, gold = (200, 30, 36), (246, 196, 40)
     c.draw.ellipse(c.box(cx - r, cy - r, cx + r, cy + r), fill=gold)
-    c.draw.ellipse(c.box(cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9), fill=red)
+    c.draw.ellipse(
+        c.box(cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9), fill=red
+    )
     c.draw.ellipse(
         c.box(cx - r * 0.78, cy - r * 0.78, cx + r * 0.78, cy + r * 0.78),
         outline=gold,
@@ -512,7 +549,9 @@ def _emblem(c: _Canvas, cx: float, cy: float, r: float) -> None:
         )
 
 
-def _star(c: _Canvas, cx: float, cy: float, r: float, fill: _RGB, rotation: float = 0.0) -> None:
+def _star(
+    c: _Canvas, cx: float, cy: float, r: float, fill: _RGB, rotation: float = 0.0
+) -> None:
     pts = []
     for i in range(10):
         rad = r if i % 2 == 0 else r * 0.4

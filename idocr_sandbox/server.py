@@ -23,35 +23,53 @@ Nothing here logs image bytes, keys, passwords, query strings or card fields.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import hashlib
-import hmac
 import itertools
 import json
 import logging
 import os
 import random
-import re
 import socket
 import sys
 import threading
 import time
-import uuid
-from collections import Counter, deque
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP as HTTP_POLICY
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
-import httpx
-
-from pipeline.providers.ihuyi_sign import APP as IHUYI_APP
-from pipeline.providers.ihuyi_sign import sign_getnum, sign_submit
-from idocr_sandbox.truth import Match, TruthEntry, TruthIndex, decode_image
+from idocr_sandbox.faults import FaultPlan, _Fault
+from idocr_sandbox.ihuyi import (
+    IHUYI_GETNUM_PATH,
+    IHUYI_MESSAGES,
+    IHUYI_SUBMIT_PATH,
+    IhuyiProtocol,
+    _ihuyi_error,
+)
+from idocr_sandbox.showapi import (
+    SHOWAPI_AUTH,
+    SHOWAPI_PATH,
+    SHOWAPI_QUOTA,
+    SHOWAPI_SYSTEM,
+    ShowapiProtocol,
+    _showapi_error,
+)
+from idocr_sandbox.stats import BilledCall, SandboxStats
+from idocr_sandbox.truth import Match, TruthIndex
+from idocr_sandbox.wire import (
+    _MATCH_PROBLEMS,
+    MAX_BODY,
+    _decode_base64,
+    _fetch,
+    _Image,
+    _json_reply,
+    _limits_problem,
+    _parse_qs,
+    _Reply,
+)
 
 __all__ = [
     "IHUYI_MESSAGES",
@@ -68,190 +86,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IHUYI_SUBMIT_PATH = "/ocr/Submit.json"
-IHUYI_GETNUM_PATH = "/ocr/GetNum.json"
-SHOWAPI_PATH = "/1429-1"
+
 CONTROL_PREFIX = "/_sandbox/"
-
-#: seed 000 §2.5 / §3.5, verbatim (including the seed's own spacing variants, normalised).
-IHUYI_MESSAGES: dict[int, str] = {
-    0: "未知错误",
-    1: "提交失败",
-    2: "提交成功",
-    400: "非法ip访问",
-    401: "帐号不能为空",
-    402: "密码不能为空",
-    403: "应用不存在",
-    404: "img_base64或img_url必须传一个",
-    405: "API ID或API KEY不正确",
-    4050: "账号被冻结",
-    40501: "动态密码已过期",
-    40502: "动态密码校验失败",
-    40505: "没有签定合同",
-    4051: "剩余次数不足",
-    4052: "访问ip与备案ip不符",
-    4086: "图片错误",
-    4010: "通道错误",
-}
-
-# showapi envelope codes. Seed 003 documents only 0 (success); the others are our choice, made
-# to match the taxonomy the pipeline maps them into:
-#   -1  authentication / permission (wrong or missing appKey)      → auth: pause, alert
-#   -2  quota exhausted ("剩余次数不足")                              → quota: pause, requeue
-#   -3  other / system error                                        → transient: retry
-SHOWAPI_OK = 0
-SHOWAPI_AUTH = -1
-SHOWAPI_QUOTA = -2
-SHOWAPI_SYSTEM = -3
-SHOWAPI_MESSAGES: dict[int, str] = {
-    SHOWAPI_AUTH: "appKey错误",
-    SHOWAPI_QUOTA: "剩余次数不足",
-    SHOWAPI_SYSTEM: "系统繁忙,请稍后重试",
-}
-# Body ``ret_code`` (inside a 0 envelope): 0 success; -1 the image could not be recognised
-# (billed, the image is at fault); -2 a parameter error (not billed, the client is at fault).
-SHOWAPI_RET_IMAGE = -1
-SHOWAPI_RET_PARAM = -2
-
-# Bodies above this are refused before reading: ihuyi's documented limit is 8 MB after base64
-# and urlencoding, so 32 MB leaves room for every legal request and stops runaway clients.
-MAX_BODY = 32 * 1024 * 1024
-# An img_url may not stream more than this into the sandbox's memory.
-MAX_FETCH = 16 * 1024 * 1024
-IHUYI_MAX_ENCODED = 8 * 1024 * 1024  # seed 000 §1.6, checked only with check_image_limits
-MIN_SIDE, MAX_SIDE = 256, 2048  # seed 000 §1.6
-FETCH_TIMEOUT = 10.0
-
-_MD5_RE = re.compile(r"[0-9a-fA-F]{32}")
-_TIME_RE = re.compile(r"[0-9]{10}")  # not \d: that also matches non-ASCII digits
-_ISO_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-
-
-# ====================================================================== fault plan
-
-
-@dataclass(frozen=True, slots=True)
-class _Fault:
-    kind: str  # "timeout" | "http_500" | "garbage" | "code"
-    code: int | None = None
-
-
-def _code_target(key: str) -> tuple[str, int]:
-    """``"4010"`` → ihuyi; ``"-2"`` → showapi; ``"ihuyi:1"`` / ``"showapi:-3"`` explicit.
-
-    Unprefixed codes go by sign because the two code spaces do not overlap in practice: ihuyi's
-    are non-negative, and showapi's envelope errors are negative by our choice above.
-    """
-    provider, _, code_s = key.rpartition(":")
-    code = int(code_s)
-    if not provider:
-        provider = "showapi" if code < 0 else "ihuyi"
-    if provider not in ("ihuyi", "showapi"):
-        raise ValueError(f"fault code {key!r}: provider must be ihuyi or showapi")
-    if (provider, code) in (("ihuyi", 2), ("showapi", SHOWAPI_OK)):
-        raise ValueError(f"fault code {key!r} is the success code; it cannot be injected")
-    return provider, code
-
-
-@dataclass(slots=True)
-class FaultPlan:
-    """Per-request fault rates in [0, 1], drawn independently per billable request.
-
-    All kinds are drawn for every request, whatever their rate, so a seeded sandbox produces
-    the same fault sequence for the same request sequence. When several fire, the first of
-    timeout, http_500, garbage, codes (sorted by key), lost_after_billing wins: a request that
-    never reached the provider cannot also have been billed.
-    """
-
-    http_500: float = 0.0
-    garbage: float = 0.0
-    timeout: float = 0.0
-    lost_after_billing: float = 0.0
-    codes: dict[str, float] = field(default_factory=dict)
-    #: longer than any client timeout the pipeline uses, so a "timeout" really times out
-    timeout_sleep: float = 30.0
-
-    def __post_init__(self) -> None:
-        for name in ("http_500", "garbage", "timeout", "lost_after_billing"):
-            _check_rate(name, getattr(self, name))
-        for key, rate in self.codes.items():
-            _code_target(key)
-            _check_rate(f"code:{key}", rate)
-        if self.timeout_sleep < 0:
-            raise ValueError("timeout_sleep must be >= 0")
-
-    @classmethod
-    def parse(cls, text: str | None) -> FaultPlan:
-        """``"http_500=0.05,garbage=0.05,code:4010=0.1,lost_after_billing=0.02"``.
-
-        Also ``code:showapi:-2=0.1`` and ``timeout_sleep=5``. Empty or ``none`` is no faults.
-        """
-        kwargs: dict[str, Any] = {}
-        codes: dict[str, float] = {}
-        for item in (text or "").split(","):
-            item = item.strip()
-            if not item or item.lower() == "none":
-                continue
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep:
-                raise ValueError(f"fault plan item {item!r}: expected key=value")
-            try:
-                number = float(value)
-            except ValueError:
-                raise ValueError(f"fault plan item {item!r}: {value!r} is not a number") from None
-            if key.startswith("code:"):
-                codes[key[len("code:") :]] = number
-            elif key in ("http_500", "garbage", "timeout", "lost_after_billing", "timeout_sleep"):
-                kwargs[key] = number
-            else:
-                raise ValueError(f"fault plan item {item!r}: unknown fault {key!r}")
-        return cls(codes=codes, **kwargs)
-
-    def __str__(self) -> str:
-        parts = [
-            f"{name}={getattr(self, name):g}"
-            for name in ("http_500", "garbage", "timeout", "lost_after_billing")
-            if getattr(self, name)
-        ]
-        parts += [f"code:{k}={v:g}" for k, v in sorted(self.codes.items()) if v]
-        if self.timeout and self.timeout_sleep != 30.0:
-            parts.append(f"timeout_sleep={self.timeout_sleep:g}")
-        return ",".join(parts) or "none"
-
-    @property
-    def active(self) -> bool:
-        return any((self.http_500, self.garbage, self.timeout, self.lost_after_billing)) or any(
-            self.codes.values()
-        )
-
-    def draw(self, rng: random.Random, provider: str) -> tuple[_Fault | None, bool]:
-        """(fault answered instead of processing, lost_after_billing) for one request."""
-        hit_timeout = rng.random() < self.timeout
-        hit_500 = rng.random() < self.http_500
-        hit_garbage = rng.random() < self.garbage
-        hit_lost = rng.random() < self.lost_after_billing
-        code_hit: int | None = None
-        for key in sorted(self.codes):
-            fired = rng.random() < self.codes[key]
-            target, code = _code_target(key)
-            if fired and target == provider and code_hit is None:
-                code_hit = code
-        if hit_timeout:
-            return _Fault("timeout"), False
-        if hit_500:
-            return _Fault("http_500"), False
-        if hit_garbage:
-            return _Fault("garbage"), False
-        if code_hit is not None:
-            return _Fault("code", code_hit), False
-        return None, hit_lost
-
-
-def _check_rate(name: str, rate: float) -> None:
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"fault rate {name}={rate} is outside [0, 1]")
-
 
 # ====================================================================== config
 
@@ -275,7 +111,9 @@ class SandboxConfig:
     check_image_limits: bool = False
 
     @classmethod
-    def from_env(cls, prefix: str = "IDOCR_SANDBOX_", **overrides: Any) -> SandboxConfig:
+    def from_env(
+        cls, prefix: str = "IDOCR_SANDBOX_", **overrides: Any
+    ) -> SandboxConfig:
         """Read ``{prefix}QUOTA``, ``LATENCY``, ``FAULTS``, ``SEED``, ``MAX_CLOCK_SKEW``,
         ``CHECK_IMAGE_LIMITS``, ``IHUYI_ACCOUNT``, ``IHUYI_API_KEY``, ``SHOWAPI_APP_KEY``."""
         env = os.environ
@@ -289,7 +127,9 @@ class SandboxConfig:
             "LATENCY": float,
             "SEED": int,
             "FAULTS": FaultPlan.parse,
-            "CHECK_IMAGE_LIMITS": lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
+            "CHECK_IMAGE_LIMITS": lambda v: (
+                v.strip().lower() in ("1", "true", "yes", "on")
+            ),
         }
         for name, fn in conv.items():
             raw = env.get(prefix + name)
@@ -297,376 +137,6 @@ class SandboxConfig:
                 kw[name.lower()] = fn(raw)
         kw.update(overrides)
         return cls(**kw)
-
-
-# ====================================================================== stats
-
-
-@dataclass(frozen=True, slots=True)
-class BilledCall:
-    at: float
-    provider: str
-    ocrid: str
-    sha256: str | None  # None when no image bytes were obtained (bad base64, failed fetch)
-    code: str  # what was (or would have been) answered
-    lost: bool = False
-
-
-class SandboxStats:
-    """Thread-safe counters. Every read returns a copy."""
-
-    # Per-second counters are for rate checks over a run, not history: a day is plenty.
-    _KEEP_SECONDS = 86_400
-    # The per-call log is for inspection; a long demo must not grow it without bound.
-    _KEEP_CALLS = 100_000
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._init()
-
-    def _init(self) -> None:
-        self._requests = 0
-        self._control = 0
-        self._by_endpoint: Counter[str] = Counter()
-        self._billed = 0
-        self._billed_by_sha: Counter[str] = Counter()
-        self._billed_unhashed = 0
-        self._per_second: Counter[int] = Counter()
-        self._submits_per_second: Counter[int] = Counter()
-        self._codes: dict[str, Counter[str]] = {}
-        self._http: Counter[int] = Counter()
-        self._faults: Counter[str] = Counter()
-        self._lost: list[str] = []
-        self._calls: deque[BilledCall] = deque(maxlen=self._KEEP_CALLS)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._init()
-
-    # ---- recording (server side)
-
-    def _record_request(self, endpoint: str, now: float) -> None:
-        with self._lock:
-            if endpoint == "control":
-                self._control += 1
-                return
-            self._requests += 1
-            self._by_endpoint[endpoint] += 1
-            sec = int(now)
-            self._per_second[sec] += 1
-            if endpoint in ("ihuyi.submit", "showapi.ocr"):
-                self._submits_per_second[sec] += 1
-            if len(self._per_second) > self._KEEP_SECONDS + 3600:
-                cutoff = sec - self._KEEP_SECONDS
-                for c in (self._per_second, self._submits_per_second):
-                    for k in [k for k in c if k < cutoff]:
-                        del c[k]
-
-    def _record_answer(self, status: int, codes: dict[str, str]) -> None:
-        with self._lock:
-            self._http[status] += 1
-            for family, code in codes.items():
-                self._codes.setdefault(family, Counter())[code] += 1
-
-    def _record_fault(self, kind: str) -> None:
-        with self._lock:
-            self._faults[kind] += 1
-
-    def _record_billed(self, call: BilledCall) -> None:
-        with self._lock:
-            self._billed += 1
-            if call.sha256 is None:
-                self._billed_unhashed += 1
-            else:
-                self._billed_by_sha[call.sha256] += 1
-            if call.lost:
-                self._lost.append(call.ocrid)
-            self._calls.append(call)
-
-    # ---- reading
-
-    @property
-    def requests(self) -> int:
-        """Provider-protocol requests (control endpoints excluded)."""
-        with self._lock:
-            return self._requests
-
-    total = requests
-
-    @property
-    def control_requests(self) -> int:
-        with self._lock:
-            return self._control
-
-    @property
-    def by_endpoint(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._by_endpoint)
-
-    @property
-    def billed(self) -> int:
-        with self._lock:
-            return self._billed
-
-    @property
-    def billed_by_sha(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._billed_by_sha)
-
-    @property
-    def billed_unhashed(self) -> int:
-        with self._lock:
-            return self._billed_unhashed
-
-    def billed_twice(self) -> dict[str, int]:
-        """Images billed more than once: what "exactly one billed call per image" forbids."""
-        with self._lock:
-            return {k: v for k, v in self._billed_by_sha.items() if v > 1}
-
-    @property
-    def requests_per_second(self) -> dict[int, int]:
-        with self._lock:
-            return dict(self._per_second)
-
-    @property
-    def submits_per_second(self) -> dict[int, int]:
-        """OCR calls (ihuyi Submit, showapi 1429-1) per whole Unix second."""
-        with self._lock:
-            return dict(self._submits_per_second)
-
-    @property
-    def codes(self) -> dict[str, dict[str, int]]:
-        """Answered codes per family: ``ihuyi``, ``showapi`` (envelope), ``showapi.ret_code``."""
-        with self._lock:
-            return {k: dict(v) for k, v in self._codes.items()}
-
-    @property
-    def http_status(self) -> dict[int, int]:
-        with self._lock:
-            return dict(self._http)
-
-    @property
-    def faults(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._faults)
-
-    @property
-    def lost_ocrids(self) -> list[str]:
-        with self._lock:
-            return list(self._lost)
-
-    def calls(self) -> list[BilledCall]:
-        with self._lock:
-            return list(self._calls)
-
-    def snapshot(self, include_calls: bool = False) -> dict[str, Any]:
-        """JSON-ready; integer keys become strings as JSON requires."""
-        with self._lock:
-            snap: dict[str, Any] = {
-                "requests": self._requests,
-                "control_requests": self._control,
-                "by_endpoint": dict(self._by_endpoint),
-                "billed": self._billed,
-                "billed_by_sha": dict(self._billed_by_sha),
-                "billed_unhashed": self._billed_unhashed,
-                "requests_per_second": {str(k): v for k, v in sorted(self._per_second.items())},
-                "submits_per_second": {
-                    str(k): v for k, v in sorted(self._submits_per_second.items())
-                },
-                "codes": {k: dict(v) for k, v in self._codes.items()},
-                "http_status": {str(k): v for k, v in self._http.items()},
-                "faults": dict(self._faults),
-                "lost_ocrids": list(self._lost),
-            }
-            if include_calls:
-                snap["calls"] = [
-                    {
-                        "at": c.at,
-                        "provider": c.provider,
-                        "ocrid": c.ocrid,
-                        "sha256": c.sha256,
-                        "code": c.code,
-                        "lost": c.lost,
-                    }
-                    for c in self._calls
-                ]
-            return snap
-
-
-# ====================================================================== replies
-
-
-@dataclass(slots=True)
-class _Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json; charset=utf-8"
-    codes: dict[str, str] = field(default_factory=dict)  # for stats
-    lost: bool = False  # close the connection instead of answering
-    delay: bool = True  # apply the configured latency
-    record: bool = True  # count in the stats (control answers are not provider answers)
-
-
-def _json_reply(status: int, obj: Any, codes: dict[str, str] | None = None) -> _Reply:
-    body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    return _Reply(status, body, codes=codes or {})
-
-
-def _ihuyi_error(code: int, msg: str | None = None) -> _Reply:
-    msg = msg or IHUYI_MESSAGES.get(code, "注入的错误")
-    return _json_reply(
-        200, {"code": code, "msg": msg, "ocrid": "0", "content": {}}, {"ihuyi": str(code)}
-    )
-
-
-def _getnum_error(code: int) -> _Reply:
-    return _json_reply(
-        200,
-        {"code": code, "msg": IHUYI_MESSAGES.get(code, "注入的错误"), "num": 0},
-        {"ihuyi": str(code)},
-    )
-
-
-def _showapi_envelope(code: int, error: str, body: dict[str, Any]) -> _Reply:
-    env = {
-        "showapi_res_code": code,
-        "showapi_res_error": error,
-        "showapi_res_id": uuid.uuid4().hex,
-        "showapi_res_body": body,
-    }
-    codes = {"showapi": str(code)}
-    if "ret_code" in body:
-        codes["showapi.ret_code"] = str(body["ret_code"])
-    return _json_reply(200, env, codes)
-
-
-def _showapi_error(code: int) -> _Reply:
-    return _showapi_envelope(code, SHOWAPI_MESSAGES.get(code, "注入的错误"), {})
-
-
-def _showapi_failure(ret_code: int, msg: str) -> _Reply:
-    return _showapi_envelope(SHOWAPI_OK, "", {"ret_code": ret_code, "flag": False, "msg": msg})
-
-
-def _dots(iso: str) -> str:
-    """YYYY-MM-DD → YYYY.MM.DD (ihuyi's date form); anything else passes through unchanged."""
-    return iso.replace("-", ".") if _ISO_DATE_RE.fullmatch(iso) else iso
-
-
-def _ihuyi_content(entry: TruthEntry) -> dict[str, Any]:
-    f = entry.fields
-    if entry.side == "front":
-        return {
-            "code": 2,
-            "type": "front",
-            "name": f.get("name", ""),
-            "id_number": f.get("id_number", ""),
-            "gender": f.get("gender", ""),
-            "ethnicity": f.get("ethnicity", ""),
-            # seed 000 spells it data_of_birth; the spec wins over the obvious fix
-            "data_of_birth": _dots(f.get("date_of_birth", "")),
-            "domicile": f.get("domicile", ""),
-        }
-    valid_to = f.get("valid_to", "")
-    return {
-        "code": 2,
-        "type": "back",
-        "issue_authority": f.get("issue_authority", ""),
-        "valid_period": f"{_dots(f.get('valid_from', ''))}-"
-        + ("长期" if valid_to == "长期" else _dots(valid_to)),
-    }
-
-
-def _showapi_body(entry: TruthEntry, need_quality: bool) -> dict[str, Any]:
-    f = entry.fields
-    body: dict[str, Any] = {"ret_code": 0, "flag": True, "msg": "识别成功!"}
-    if entry.side == "front":
-        body.update(
-            name=f.get("name", ""),
-            sex=f.get("gender", ""),
-            nationality=f.get("ethnicity", ""),
-            birthday=f.get("date_of_birth", ""),
-            addr=f.get("domicile", ""),
-            idNo=f.get("id_number", ""),
-        )
-    else:
-        valid_to = f.get("valid_to", "")
-        body.update(
-            depInfo=f.get("issue_authority", ""),
-            effDate=f.get("valid_from", ""),
-            effBeginDate=f.get("valid_from", ""),
-            effEndDate="长期有效" if valid_to == "长期" else valid_to,
-        )
-    if need_quality:
-        body["quality"] = list(entry.quality)
-    return body
-
-
-# ====================================================================== image intake
-
-
-@dataclass(slots=True)
-class _Image:
-    data: bytes | None
-    problem: str | None  # why there is no usable image, worded for the provider's msg
-
-
-def _decode_base64(text: str) -> _Image:
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return _Image(None, "图片base64编码无效")
-    if not data:
-        return _Image(None, "图片内容为空")
-    return _Image(data, None)
-
-
-def _fetch(url: str) -> _Image:
-    # The URL itself is never logged or echoed: presigned S3 URLs carry credentials.
-    try:
-        # trust_env=False: a proxy from the environment must not intercept local fixture URLs.
-        with (
-            httpx.Client(timeout=FETCH_TIMEOUT, follow_redirects=True, trust_env=False) as c,
-            c.stream("GET", url) as r,
-        ):
-            if r.status_code != 200:
-                return _Image(None, f"图片下载失败(HTTP {r.status_code})")
-            buf = bytearray()
-            for chunk in r.iter_bytes():
-                buf += chunk
-                if len(buf) > MAX_FETCH:
-                    return _Image(None, "图片下载失败(文件过大)")
-        if not buf:
-            return _Image(None, "图片下载失败(内容为空)")
-        return _Image(bytes(buf), None)
-    except Exception as exc:  # noqa: BLE001 -- bad URL, DNS, refused, timeout: all "could not fetch"
-        return _Image(None, f"图片下载失败({type(exc).__name__})")
-
-
-def _limits_problem(data: bytes, encoded_len: int) -> str | None:
-    if encoded_len > IHUYI_MAX_ENCODED:
-        return "图片文件过大"
-    img = decode_image(data)
-    if img is None:
-        return None  # reported by the truth lookup as undecodable
-    w, h = img.size
-    if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:
-        return f"图片尺寸不符({w}x{h},要求{MIN_SIDE}-{MAX_SIDE}像素)"
-    if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
-        return "不支持黑白图片"
-    # A colour-mode file with only grey pixels is still a black-and-white scan.
-    thumb = img.convert("RGB").resize((32, 32))
-    raw = thumb.tobytes()
-    if all(max(raw[i : i + 3]) - min(raw[i : i + 3]) <= 12 for i in range(0, len(raw), 3)):
-        return "不支持黑白图片"
-    return None
-
-
-_MATCH_PROBLEMS = {
-    "undecodable": "无法解码的图片",
-    "unknown": "未识别到身份证(样本库中无此图片)",
-    "ambiguous": "图片无法唯一识别",
-}
 
 
 # ====================================================================== HTTP plumbing
@@ -680,7 +150,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like the real services behind their CDNs
+    protocol_version = (
+        "HTTP/1.1"  # keep-alive, like the real services behind their CDNs
+    )
     server_version = "idocr-sandbox/1"
     sys_version = ""
     # Idle keep-alive connections and stalled uploads must not pin a thread forever.
@@ -704,7 +176,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None
+    ) -> None:
         """JSON instead of the stdlib's HTML page, and the connection closed after it."""
         self.log_error("code %d", code)
         try:
@@ -724,7 +198,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Connection", "close")
             self.end_headers()
-            if getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304):
+            if (
+                getattr(self, "command", None) != "HEAD"
+                and code >= 200
+                and code not in (204, 304)
+            ):
                 self.wfile.write(body)
         except OSError:
             pass
@@ -840,7 +318,10 @@ class _Handler(BaseHTTPRequestHandler):
         main_type = ctype.split(";", 1)[0].strip().lower()
         if main_type == "multipart/form-data":
             msg = BytesParser(policy=HTTP_POLICY).parsebytes(
-                b"Content-Type: " + ctype.encode("latin-1", "replace") + b"\r\n\r\n" + body
+                b"Content-Type: "
+                + ctype.encode("latin-1", "replace")
+                + b"\r\n\r\n"
+                + body
             )
             out: dict[str, str] = {}
             if msg.is_multipart():
@@ -875,7 +356,9 @@ class _Handler(BaseHTTPRequestHandler):
         if endpoint == "control":
             return sandbox._control(self.command, path, query, body)
         if endpoint == "unknown":
-            return _json_reply(404, {"error": "unknown path", "path": path[:200]}, {"http": "404"})
+            return _json_reply(
+                404, {"error": "unknown path", "path": path[:200]}, {"http": "404"}
+            )
         params = _parse_qs(query)
         params.update(self._body_params(body))  # body wins, like PHP's $_REQUEST
         if endpoint == "ihuyi.submit":
@@ -885,22 +368,10 @@ class _Handler(BaseHTTPRequestHandler):
         return sandbox._showapi(params, now)
 
 
-def _parse_qs(text: str) -> dict[str, str]:
-    if not text:
-        return {}
-    parsed = parse_qs(text, keep_blank_values=True, encoding="utf-8", errors="replace")
-    return {k: v[0] for k, v in parsed.items()}  # first value wins on repeats
-
-
-def _same(a: str, b: str) -> bool:
-    # bytes, because compare_digest refuses non-ASCII str and a client may send anything
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
-
-
 # ====================================================================== the server
 
 
-class SandboxServer:
+class SandboxServer(IhuyiProtocol, ShowapiProtocol):
     """Both providers on one local port. ``with SandboxServer(truth, config) as s: s.url``."""
 
     def __init__(
@@ -917,7 +388,9 @@ class SandboxServer:
         self._remaining = self.config.quota
         self._rng = random.Random(self.config.seed)
         # A separate generator, so ocrids never shift the seeded fault sequence.
-        self._ocrid_seq = itertools.count(random.Random(self.config.seed).randrange(100_000))
+        self._ocrid_seq = itertools.count(
+            random.Random(self.config.seed).randrange(100_000)
+        )
         self._stopping = threading.Event()
         self._host = host
         self._httpd = _HTTPServer((host, port), _Handler)
@@ -1067,7 +540,9 @@ class SandboxServer:
     def _intake(self, data_b64: str, url: str) -> _Image:
         return _decode_base64(data_b64) if data_b64 else _fetch(url)
 
-    def _recognise(self, image: _Image, encoded_len: int) -> tuple[Match | None, str | None]:
+    def _recognise(
+        self, image: _Image, encoded_len: int
+    ) -> tuple[Match | None, str | None]:
         """(match, problem): a found entry, or why the image cannot be answered."""
         if image.data is None:
             return None, image.problem
@@ -1080,7 +555,9 @@ class SandboxServer:
             return m, _MATCH_PROBLEMS.get(m.reason, "未识别到身份证")
         return m, None
 
-    def _bill(self, provider: str, image: _Image, code: str, lost: bool, at: float) -> str:
+    def _bill(
+        self, provider: str, image: _Image, code: str, lost: bool, at: float
+    ) -> str:
         """``at``: when the request arrived — what a provider's per-second limit counts."""
         ocrid = self._next_ocrid()
         sha = hashlib.sha256(image.data).hexdigest() if image.data is not None else None
@@ -1088,119 +565,6 @@ class SandboxServer:
         if lost:
             self.stats._record_fault("lost_after_billing")
         return ocrid
-
-    # ---- ihuyi
-
-    def _ihuyi_auth(self, params: dict[str, str], now: float, submit: bool) -> int | None:
-        cfg = self.config
-        account = params.get("account", "")
-        password = params.get("password", "")
-        app = params.get("app", "")
-        if not account:
-            return 401
-        if not password:
-            return 402
-        if app != IHUYI_APP:
-            return 403
-        if not _same(account, cfg.ihuyi_account):
-            return 405
-        b64, url = params.get("img_base64", ""), params.get("img_url", "")
-        if submit and bool(b64) == bool(url):
-            return 404
-        if _same(password, cfg.ihuyi_api_key):
-            return None  # plain-key mode: time is optional
-        if not _MD5_RE.fullmatch(password):
-            # Neither the key nor anything shaped like a dynamic password: a wrong key, which
-            # the provider reports as 405 rather than as a failed signature.
-            return 405
-        t = params.get("time", "")
-        if not _TIME_RE.fullmatch(t) or abs(int(t) - now) > cfg.max_clock_skew:
-            return 40501
-        if submit:
-            expected = sign_submit(account, cfg.ihuyi_api_key, b64, url, t, app)
-        else:
-            expected = sign_getnum(account, cfg.ihuyi_api_key, t, app)
-        if not _same(password.lower(), expected):
-            return 40502
-        return None
-
-    def _ihuyi_submit(self, params: dict[str, str], now: float) -> _Reply:
-        err = self._ihuyi_auth(params, now, submit=True)
-        if err is not None:
-            return _ihuyi_error(err)
-        fault, lost = self._draw("ihuyi")
-        if fault is not None:
-            return self._fault_reply(fault, "ihuyi")
-        if not self._try_bill():
-            return _ihuyi_error(4051)
-        b64, url = params.get("img_base64", ""), params.get("img_url", "")
-        image = self._intake(b64, url)
-        match, problem = self._recognise(image, len(b64))
-        if problem is not None or match is None or match.entry is None:
-            self._bill("ihuyi", image, "4086", lost, now)
-            if lost:
-                return _Reply(0, b"", lost=True)
-            return _ihuyi_error(4086, f"{IHUYI_MESSAGES[4086]}:{problem}")
-        ocrid = self._bill("ihuyi", image, "2", lost, now)
-        if lost:
-            return _Reply(0, b"", lost=True)
-        return _json_reply(
-            200,
-            {
-                "code": 2,
-                "msg": IHUYI_MESSAGES[2],
-                "ocrid": ocrid,
-                "content": _ihuyi_content(match.entry),
-            },
-            {"ihuyi": "2"},
-        )
-
-    def _ihuyi_getnum(self, params: dict[str, str], now: float) -> _Reply:
-        err = self._ihuyi_auth(params, now, submit=False)
-        if err is not None:
-            return _getnum_error(err)
-        return _json_reply(
-            200, {"code": 2, "msg": "查询成功", "num": self.remaining}, {"ihuyi": "2"}
-        )
-
-    # ---- showapi
-
-    def _showapi(self, params: dict[str, str], now: float) -> _Reply:
-        if not _same(params.get("appKey", ""), self.config.showapi_app_key):
-            return _showapi_error(SHOWAPI_AUTH)
-        fault, lost = self._draw("showapi")
-        if fault is not None:
-            return self._fault_reply(fault, "showapi")
-        side_param = params.get("type", "")
-        if side_param not in ("", "1", "2"):
-            return _showapi_failure(SHOWAPI_RET_PARAM, "type参数错误,正面1 反面2,或不填")
-        img_data, img_url = params.get("imgData", ""), params.get("imgUrl", "")
-        if not img_data and not img_url:
-            return _showapi_failure(SHOWAPI_RET_PARAM, "imgData和imgUrl必须选一个")
-        if not self._try_bill():
-            return _showapi_error(SHOWAPI_QUOTA)
-        # Both given: imgData is used (seed 003 recommends it; it needs no fetch).
-        image = self._intake(img_data, "" if img_data else img_url)
-        match, problem = self._recognise(image, len(img_data))
-        entry = match.entry if match is not None else None
-        if (
-            problem is None
-            and entry is not None
-            and side_param
-            and (side_param == "1") != (entry.side == "front")
-        ):
-            problem = "身份证正反面与type参数不符"
-        if problem is not None or entry is None:
-            self._bill("showapi", image, f"ret_code:{SHOWAPI_RET_IMAGE}", lost, now)
-            if lost:
-                return _Reply(0, b"", lost=True)
-            return _showapi_failure(SHOWAPI_RET_IMAGE, f"识别失败:{problem}")
-        self._bill("showapi", image, "0", lost, now)
-        if lost:
-            return _Reply(0, b"", lost=True)
-        return _showapi_envelope(
-            SHOWAPI_OK, "", _showapi_body(entry, params.get("needQuality", "") == "1")
-        )
 
     # ---- control endpoints (for tests and demos in other processes)
 
@@ -1216,7 +580,9 @@ class SandboxServer:
             return _json_reply(200, {"ok": True})
         if name == "stats" and method == "GET":
             q = _parse_qs(query)
-            snap = self.stats.snapshot(include_calls=q.get("calls", "") in ("1", "true"))
+            snap = self.stats.snapshot(
+                include_calls=q.get("calls", "") in ("1", "true")
+            )
             snap["remaining"] = self.remaining
             return _json_reply(200, snap)
         if name in ("quota", "faults", "reset") and method == "POST":
@@ -1255,8 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     Settings not given on the command line come from ``IDOCR_SANDBOX_*`` (see
     :meth:`SandboxConfig.from_env`).
     """
-    p = argparse.ArgumentParser(prog="idocr-sandbox", description=__doc__.splitlines()[0])
-    p.add_argument("--truth", action="append", default=[], help="truth file (repeatable)")
+    p = argparse.ArgumentParser(
+        prog="idocr-sandbox", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--truth", action="append", default=[], help="truth file (repeatable)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--quota", type=int)

@@ -32,8 +32,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image, ImageOps
-
-from pipeline.domain.images import SNIFF_BYTES, ImageLimits, ImageRejected, prepare, sniff
+from pipeline.domain.images import (
+    SNIFF_BYTES,
+    ImageLimits,
+    ImageRejected,
+    prepare,
+    sniff,
+)
 
 __all__ = [
     "BACK_FIELDS",
@@ -194,7 +199,9 @@ class TruthIndex:
             if not sha:
                 # Without a declared hash the file is the only way to know the bytes.
                 if file is None or not file.is_file():
-                    log.warning("%s: no sha256 and no readable file; entry skipped", where)
+                    log.warning(
+                        "%s: no sha256 and no readable file; entry skipped", where
+                    )
                     continue
                 sha = hashlib.sha256(file.read_bytes()).hexdigest()
             quality = tuple(str(q) for q in raw.get("quality") or DEFAULT_QUALITY)
@@ -269,11 +276,16 @@ class TruthIndex:
                     continue
                 h = _truth_dhash(data)
                 if h is None:
-                    log.warning("truth image %s does not decode: sha256 match only", entry.file)
+                    log.warning(
+                        "truth image %s does not decode: sha256 match only", entry.file
+                    )
                     continue
                 if hashlib.sha256(data).hexdigest() != entry.sha256:
                     # Still useful perceptually, but the declared hash is what exact match uses.
-                    log.warning("truth image %s: sha256 differs from the declared one", entry.file)
+                    log.warning(
+                        "truth image %s: sha256 differs from the declared one",
+                        entry.file,
+                    )
                 entry.dhash = h
             self._pending = 0
 
@@ -312,7 +324,9 @@ class TruthIndex:
             if d < best_d:
                 best, best_d, ambiguous = e, d, False
             elif (
-                d == best_d and best is not None and (e.side, e.fields) != (best.side, best.fields)
+                d == best_d
+                and best is not None
+                and (e.side, e.fields) != (best.side, best.fields)
             ):
                 # Two different cards equally near: answering either could hand back another
                 # person's data, so the sandbox refuses, as an OCR would on an unclear image.

@@ -59,8 +59,12 @@ def _schema(settings: Settings) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-    envvar="IDOCR_LOG_FORMAT", help="json: one object per line, PII masked in every field.",
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="IDOCR_LOG_FORMAT",
+    help="json: one object per line, PII masked in every field.",
 )
 def cli(verbose: int, log_format: str) -> None:
     """Batch OCR of Chinese resident ID cards: folders and S3 buckets through Celery workers to
@@ -105,11 +109,13 @@ def child_env(settings: Settings) -> dict[str, str]:
     """The environment of a child process (a local worker) that must use the same services:
     this process's environment plus what :func:`local_services` started, passed explicitly."""
     env = dict(os.environ)
-    env.update({
-        "IDOCR_DATA_DIR": str(settings.data_dir),
-        "IDOCR_DATABASE_URL": settings.resolved_database_url,
-        "IDOCR_PROVIDER": settings.resolved_provider,
-    })
+    env.update(
+        {
+            "IDOCR_DATA_DIR": str(settings.data_dir),
+            "IDOCR_DATABASE_URL": settings.resolved_database_url,
+            "IDOCR_PROVIDER": settings.resolved_provider,
+        }
+    )
     if settings.redis_url:
         env["IDOCR_REDIS_URL"] = settings.redis_url
     if settings.sandbox_url:
@@ -117,13 +123,17 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _prepare_scan(settings: Settings, location: str, batch_id: str | None,  # type: ignore[no-untyped-def]
-                  via: str | None = None):
+def _prepare_scan(
+    settings: Settings,
+    location: str,
+    batch_id: str | None,
+    via: str | None = None,
+):
     """The source (or a clear error), a migrated schema, and the batch id to use. Everything
     that can be refused is refused here, before anything is scanned or a batch created.
     ``via`` defaults to the running command's ``--via``; an existing batch keeps its own."""
-    from pipeline.workflows.producer import new_batch_id
     from pipeline.sources import open_source
+    from pipeline.workflows.producer import new_batch_id
 
     explicit = via is not None
     ctx = click.get_current_context(silent=True)
@@ -166,11 +176,24 @@ def _batch_via(settings: Settings, batch_id: str) -> str | None:
         return None if batch is None else batch.via
 
 
-def worker_command(settings: Settings, concurrency: int, name: str, beat: bool = False) -> list[str]:
+def worker_command(
+    settings: Settings, concurrency: int, name: str, beat: bool = False
+) -> list[str]:
     cmd = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-        "-Q", f"{settings.queue},{settings.queue}.control",
-        "-c", str(concurrency), "-n", name, "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "-Q",
+        f"{settings.queue},{settings.queue}.control",
+        "-c",
+        str(concurrency),
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
     ]
     if beat:
         cmd += ["-B", "-s", str((settings.data_dir / "celerybeat-schedule").resolve())]
@@ -184,8 +207,13 @@ def local_workers(settings: Settings, concurrency: int) -> Iterator[subprocess.P
     logfile = (logdir / "worker.log").open("ab")
     cmd = worker_command(settings, concurrency, f"idocr-run-{os.getpid()}@%h")
     cmd += ["--loglevel", "INFO"]
-    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=child_env(settings))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=child_env(settings),
+    )
     try:
         yield proc
     finally:
@@ -201,9 +229,14 @@ def local_workers(settings: Settings, concurrency: int) -> Iterator[subprocess.P
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-        console=err, disable=not err.is_terminal, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=False,
     )
 
 
@@ -224,25 +257,38 @@ def print_summary(settings: Settings, batch_id: str) -> None:
 
 
 _via = click.option(
-    "--via", type=click.Choice(["bytes", "url"]), default="bytes", show_default=True,
-    help="bytes: the worker sends the image; url: the provider fetches a presigned URL (s3:// only).",
+    "--via",
+    type=click.Choice(["bytes", "url"]),
+    default="bytes",
+    show_default=True,
+    help="bytes: the worker sends the image; "
+    "url: the provider fetches a presigned URL (s3:// only).",
 )
 _retry_failed = click.option(
-    "--retry-failed", is_flag=True, help="Also re-queue the batch's items whose retries ran out on transient errors.",
+    "--retry-failed",
+    is_flag=True,
+    help="Also re-queue the batch's items whose retries ran out on transient errors.",
 )
 _retry_unknown = click.option(
-    "--retry-unknown", is_flag=True,
-    help="Also re-queue items whose worker died while the provider had them (they may have been billed).",
+    "--retry-unknown",
+    is_flag=True,
+    help="Also re-queue items whose worker died while the provider had them "
+    "(they may have been billed).",
 )
 
 
-def _requeue_batch(settings: Settings, batch_id: str, report, retry_failed: bool,  # type: ignore[no-untyped-def]
-                   retry_unknown: bool) -> None:
+def _requeue_batch(
+    settings: Settings,
+    batch_id: str,
+    report,
+    retry_failed: bool,
+    retry_unknown: bool,
+) -> None:
     """After scanning into an existing batch: items an earlier run left waiting get a message
     again (a duplicate message is harmless: the claim is a compare-and-set), and on request
     failed ones are queued again."""
-    from pipeline.workflows import producer
     from pipeline.queue import load_queue
+    from pipeline.workflows import producer
 
     enqueue_items = load_queue(settings).enqueue
     url = settings.resolved_database_url
@@ -252,18 +298,23 @@ def _requeue_batch(settings: Settings, batch_id: str, report, retry_failed: bool
         if n:
             err.print(f"{n} items an earlier run left waiting sent again")
     if retry_failed:
-        err.print(f"{producer.retry_failed(url, batch_id, enqueue_items)} items that failed transiently re-queued")
+        err.print(
+            f"{producer.retry_failed(url, batch_id, enqueue_items)} items that failed "
+            "transiently re-queued"
+        )
     if retry_unknown:
         n = producer.retry_failed(url, batch_id, enqueue_items, reasons=("unknown",))
         err.print(f"{n} items whose answer was lost re-queued")
 
 
-def _scan_report(rep) -> str:  # type: ignore[no-untyped-def]
+def _scan_report(rep) -> str:
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(rep.skipped.items()))
     not_taken = ", ".join(f"{n} {why}" for why, n in sorted(rep.skipped_files.items()))
-    return (f"{rep.seen} files: {rep.queued} queued, {rep.rejected} rejected by the scan, "
-            f"{rep.duplicates} not sent again ({skipped or 'none'}), "
-            f"{rep.already_present} already in the batch; not taken: {not_taken or 'none'}")
+    return (
+        f"{rep.seen} files: {rep.queued} queued, {rep.rejected} rejected by the scan, "
+        f"{rep.duplicates} not sent again ({skipped or 'none'}), "
+        f"{rep.already_present} already in the batch; not taken: {not_taken or 'none'}"
+    )
 
 
 @cli.command()
@@ -272,23 +323,43 @@ def _scan_report(rep) -> str:  # type: ignore[no-untyped-def]
 @_via
 @_retry_failed
 @_retry_unknown
-@click.option("--output", "output", help="Also write one JSON per image and a manifest here (folder or s3://bucket/prefix).")
-@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Calls in flight (default IDOCR_CONCURRENCY).")
+@click.option(
+    "--output",
+    "output",
+    help="Also write one JSON per image and a manifest here (folder or s3://bucket/prefix).",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Calls in flight (default IDOCR_CONCURRENCY).",
+)
 @click.option("--timeout", type=float, help="Stop waiting after this many seconds (exit 3).")
-def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool,
-        output: str | None, concurrency: int | None, timeout: float | None) -> None:
+def run(
+    source: str,
+    batch_id: str | None,
+    via: str,
+    retry_failed: bool,
+    retry_unknown: bool,
+    output: str | None,
+    concurrency: int | None,
+    timeout: float | None,
+) -> None:
     """Scan SOURCE (a folder or s3://bucket/prefix), process it with local workers, and wait.
 
     On the embedded default this starts Redis itself (and the sandbox, when it is the provider).
     """
-    from pipeline.workflows import control, producer
     from pipeline.queue import load_queue
     from pipeline.runtime import build_provider
+    from pipeline.workflows import control, producer
 
     settings = _settings()
     src, batch_id = _prepare_scan(settings, source, batch_id)
     started = time.monotonic()
-    with local_services(settings) as settings, local_workers(settings, concurrency or settings.concurrency) as worker:
+    with (
+        local_services(settings) as settings,
+        local_workers(settings, concurrency or settings.concurrency) as worker,
+    ):
         queue = load_queue(settings)
         enqueue_items = queue.enqueue
         provider = build_provider(settings)
@@ -304,22 +375,31 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
 
             try:
                 report = producer.scan(
-                    src, database_url=url, batch_id=batch_id, provider=provider.name,
-                    enqueue=enqueue_items, limits=None, on_chunk=on_chunk, via=via,
+                    src,
+                    database_url=url,
+                    batch_id=batch_id,
+                    provider=provider.name,
+                    enqueue=enqueue_items,
+                    limits=None,
+                    on_chunk=on_chunk,
+                    via=via,
                 )
             except (SourceError, ValueError) as exc:
                 raise click.ClickException(str(exc)) from None
             _requeue_batch(settings, batch_id, report, retry_failed, retry_unknown)
             progress.update(task, description="processing")
             try:
-                code = _wait(settings, queue, provider, batch_id, worker, progress, task, started,
-                             timeout)
+                code = _wait(
+                    settings, queue, provider, batch_id, worker, progress, task, started, timeout
+                )
             except KeyboardInterrupt:
                 err.print("[yellow]interrupted: the workers finish their current calls and stop")
                 code = EXIT_INCOMPLETE
         provider.close()
     print_summary(settings, batch_id)
-    err.print(f"batch [bold]{batch_id}[/]: {_scan_report(report)}; {time.monotonic() - started:.1f} s")
+    err.print(
+        f"batch [bold]{batch_id}[/]: {_scan_report(report)}; {time.monotonic() - started:.1f} s"
+    )
     if output:
         _write_output(settings, batch_id, output)
     err.print(f"results: idocr export {batch_id} --format jsonl")
@@ -328,14 +408,22 @@ def run(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_u
     sys.exit(code)
 
 
-def _wait(settings: Settings, queue, provider, batch_id: str, worker, progress, task,  # type: ignore[no-untyped-def]
-          started: float, timeout: float | None) -> int:
+def _wait(
+    settings: Settings,
+    queue,
+    provider,
+    batch_id: str,
+    worker,
+    progress,
+    task,
+    started: float,
+    timeout: float | None,
+) -> int:
     """Until every item of the batch is final (0), or there is a reason to stop (3)."""
-    from pipeline.workflows import control
+    from pipeline.runtime import build_reconciler
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
-
-    from pipeline.runtime import build_reconciler
+    from pipeline.workflows import control
 
     url = settings.resolved_database_url
     last_balance = 0.0
@@ -356,7 +444,11 @@ def _wait(settings: Settings, queue, provider, batch_id: str, worker, progress, 
             return EXIT_INCOMPLETE
         # while the quota is paused, `run` is its own balance monitor: it ends by itself
         # once the quota is topped up
-        if pause is not None and pause.kind == "quota" and time.monotonic() - last_balance > min(settings.balance_interval, 5.0):
+        if (
+            pause is not None
+            and pause.kind == "quota"
+            and time.monotonic() - last_balance > min(settings.balance_interval, 5.0)
+        ):
             last_balance = time.monotonic()
             control.check_balance(settings, provider, queue.enqueue, queue.set_consuming)
         if time.monotonic() - last_reconcile >= settings.reconcile_interval:
@@ -366,7 +458,10 @@ def _wait(settings: Settings, queue, provider, batch_id: str, worker, progress, 
             except Exception as exc:  # the database or Redis away: the next pass tries again
                 log.warning("reconciler pass failed (%s)", type(exc).__name__)
         if worker.poll() is not None:
-            err.print(f"[red]the worker process exited ({worker.returncode}); see {settings.data_dir / 'logs' / 'worker.log'}")
+            err.print(
+                f"[red]the worker process exited ({worker.returncode}); "
+                f"see {settings.data_dir / 'logs' / 'worker.log'}"
+            )
             return EXIT_INCOMPLETE
         if timeout is not None and time.monotonic() - started > timeout:
             err.print(f"[yellow]--timeout: {pending} items not final yet")
@@ -374,29 +469,39 @@ def _wait(settings: Settings, queue, provider, batch_id: str, worker, progress, 
         time.sleep(0.5)
 
 
-def _detail(counts: dict[str, int], pause) -> str:  # type: ignore[no-untyped-def]
+def _detail(counts: dict[str, int], pause) -> str:
     shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
     return f"{shown}  [yellow]paused: {pause.kind}[/]" if pause is not None else shown
 
 
 @cli.command()
 @click.argument("source")
-@click.option("--batch", "batch_id", help="Batch id (default: a new one); rescanning into it adds only what is new.")
+@click.option(
+    "--batch",
+    "batch_id",
+    help="Batch id (default: a new one); rescanning into it adds only what is new.",
+)
 @_via
 @_retry_failed
 @_retry_unknown
-def scan(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool) -> None:
+def scan(
+    source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool
+) -> None:
     """Scan SOURCE and enqueue its items for workers started elsewhere; prints the batch id."""
-    from pipeline.workflows import producer
     from pipeline.queue import load_queue
+    from pipeline.workflows import producer
 
     settings = _settings()
     src, batch_id = _prepare_scan(settings, source, batch_id)
     url = settings.resolved_database_url
     try:
         rep = producer.scan(
-            src, database_url=url, batch_id=batch_id,
-            provider=settings.resolved_provider, enqueue=load_queue(settings).enqueue, via=via,
+            src,
+            database_url=url,
+            batch_id=batch_id,
+            provider=settings.resolved_provider,
+            enqueue=load_queue(settings).enqueue,
+            via=via,
         )
     except (SourceError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -406,13 +511,27 @@ def scan(source: str, batch_id: str | None, via: str, retry_failed: bool, retry_
 
 
 @cli.command()
-@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Calls in flight in this worker (default IDOCR_CONCURRENCY).")
-@click.option("-P", "--pool", type=click.Choice(["threads", "prefork"]), default="threads", show_default=True, help="Celery pool: threads suit the I/O-bound calls.")
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Calls in flight in this worker (default IDOCR_CONCURRENCY).",
+)
+@click.option(
+    "-P",
+    "--pool",
+    type=click.Choice(["threads", "prefork"]),
+    default="threads",
+    show_default=True,
+    help="Celery pool: threads suit the I/O-bound calls.",
+)
 @click.option("-n", "--name", default="idocr@%h", show_default=True, help="Worker node name.")
-@click.option("--beat/--no-beat", default=False, help="Also run the beat scheduler (balance checks).")
+@click.option(
+    "--beat/--no-beat", default=False, help="Also run the beat scheduler (balance checks)."
+)
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
 def worker(concurrency: int | None, pool: str, name: str, beat: bool, loglevel: str) -> None:
-    """Run a Celery worker on the OCR queue (`celery -A workers.app worker` with idocr's defaults)."""
+    """Run a Celery worker on the OCR queue (`celery -A workers.app worker`, idocr's defaults)."""
     settings = _settings()
     _schema(settings)
     cmd = worker_command(settings, concurrency or settings.concurrency, name, beat)
@@ -424,7 +543,13 @@ def worker(concurrency: int | None, pool: str, name: str, beat: bool, loglevel: 
 @click.argument("batch_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (times in UTC).")
 @click.option(
-    "--watch", "watch", type=float, is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
+    "--watch",
+    "watch",
+    type=float,
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
     help="A live view, redrawn every SECONDS (2), until every item is final or Ctrl-C.",
 )
 def status(batch_id: str | None, as_json: bool, watch: float | None) -> None:
@@ -432,15 +557,15 @@ def status(batch_id: str | None, as_json: bool, watch: float | None) -> None:
     the limit, an ETA, the pause state and the quota left; on stdout."""
     import json
 
-    from pipeline.workflows.status import NoSuchBatch, collect
     from pipeline.storage.db import unit_of_work
+    from pipeline.workflows.status import NoSuchBatch, collect
 
     settings = _settings()
     _schema(settings)
     if watch is not None and watch <= 0:
         raise click.BadParameter("must be a positive number of seconds", param_hint="--watch")
 
-    def snapshot():  # type: ignore[no-untyped-def]
+    def snapshot():
         with unit_of_work(settings.resolved_database_url, read_only=True) as s:
             try:
                 return collect(settings, s, batch_id)
@@ -475,7 +600,7 @@ def status(batch_id: str | None, as_json: bool, watch: float | None) -> None:
         return
 
 
-def _status_view(st):  # type: ignore[no-untyped-def]
+def _status_view(st):
     """The human rendering of a BatchStatus: a few lines and the table by status and code."""
     from rich.console import Group
     from rich.text import Text
@@ -484,20 +609,32 @@ def _status_view(st):  # type: ignore[no-untyped-def]
 
     lines = [Text(f"provider: {st.provider} (account {st.account})")]
     if st.pause is not None:
-        lines.append(Text(f"paused ({st.pause['kind']}) since {st.pause['since']}: {st.pause['reason']}", style="yellow"))
+        lines.append(
+            Text(
+                f"paused ({st.pause['kind']}) since {st.pause['since']}: {st.pause['reason']}",
+                style="yellow",
+            )
+        )
     else:
         lines.append(Text("submissions: running"))
     if st.balance is not None:
-        lines.append(Text(f"last balance reading: {st.balance['remaining']} calls left at {st.balance['taken_at']}"))
+        lines.append(
+            Text(
+                f"last balance reading: {st.balance['remaining']} calls left "
+                f"at {st.balance['taken_at']}"
+            )
+        )
     if st.quota is not None:
         lines.append(Text(f"quota left: {st.quota_left} calls ({st.quota['reserved']} in flight)"))
     if st.batch is None:
         lines.append(Text("no batches yet"))
         return Group(*lines)
-    lines.append(Text(
-        f"rate: {st.rate_achieved:.2f} calls/s of {st.rate_limit:g}/s allowed "
-        f"(last {int(RATE_WINDOW)} s)"
-    ))
+    lines.append(
+        Text(
+            f"rate: {st.rate_achieved:.2f} calls/s of {st.rate_limit:g}/s allowed "
+            f"(last {int(RATE_WINDOW)} s)"
+        )
+    )
     table = Table(title=f"batch {st.batch}")
     table.add_column("status")
     table.add_column("code / reason")
@@ -507,7 +644,9 @@ def _status_view(st):  # type: ignore[no-untyped-def]
     table.add_row("[bold]total", "", f"[bold]{st.total}")
     lines.append(table)
     if st.pending:
-        lines.append(Text(f"{st.pending} items not final yet; ETA {format_duration(st.eta_seconds)}"))
+        lines.append(
+            Text(f"{st.pending} items not final yet; ETA {format_duration(st.eta_seconds)}")
+        )
     else:
         lines.append(Text("every item is final"))
     return Group(*lines)
@@ -515,23 +654,37 @@ def _status_view(st):  # type: ignore[no-untyped-def]
 
 @cli.command()
 @click.argument("batch_id", required=False)
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="File to write (default: stdout).")
-@click.option("--to", "to", help="Instead: one JSON per image and a manifest, in a folder or s3://bucket/prefix.")
 @click.option(
-    "--excel", is_flag=True,
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="File to write (default: stdout).",
+)
+@click.option(
+    "--to",
+    "to",
+    help="Instead: one JSON per image and a manifest, in a folder or s3://bucket/prefix.",
+)
+@click.option(
+    "--excel",
+    is_flag=True,
     help="CSV for Excel: UTF-8 BOM, ID numbers and other long digit strings kept as text.",
 )
-def export(batch_id: str | None, fmt: str, output: Path | None, to: str | None, excel: bool) -> None:
+def export(
+    batch_id: str | None, fmt: str, output: Path | None, to: str | None, excel: bool
+) -> None:
     """Write BATCH's results (default: the latest batch) as JSONL or CSV. The export is the
     product: it carries the recognised fields unmasked; keep it where ID data may be kept."""
     from functools import partial
 
     from pipeline.outputs.records import records, write_csv, write_jsonl
-    from pipeline.workflows.status import latest_batch_id
     from pipeline.storage import repo
     from pipeline.storage.db import unit_of_work
     from pipeline.storage.models import Batch
+    from pipeline.workflows.status import latest_batch_id
 
     if excel:
         ctx = click.get_current_context()
@@ -584,9 +737,9 @@ def _write_output(settings: Settings, batch_id: str, location: str) -> None:
 @cli.command()
 def balance() -> None:
     """Query the provider's remaining quota (ihuyi GetNum), record it, pause or resume on it."""
-    from pipeline.workflows import control
     from pipeline.queue import load_queue
     from pipeline.runtime import build_provider
+    from pipeline.workflows import control
 
     settings = _settings()
     _schema(settings)
@@ -601,49 +754,77 @@ def balance() -> None:
         err.print(rep.detail)
         return
     click.echo(rep.remaining)
-    err.print(f"{rep.remaining} calls left ({rep.reserved} in flight)" + (f"; {rep.action}" if rep.action != "none" else ""))
+    err.print(
+        f"{rep.remaining} calls left ({rep.reserved} in flight)"
+        + (f"; {rep.action}" if rep.action != "none" else "")
+    )
 
 
 @cli.command()
 @click.option("--reason", default="paused by the operator", show_default=True)
 def pause(reason: str) -> None:
     """Pause submissions to the configured provider account (nothing is failed)."""
-    from pipeline.workflows import control
     from pipeline.queue import load_queue
     from pipeline.runtime import provider_identity
+    from pipeline.workflows import control
 
     settings = _settings()
     _schema(settings)
     provider, account = provider_identity(settings)
-    control.pause(settings, provider, account, "operator", reason,
-                  broadcast=load_queue(settings).set_consuming)
+    control.pause(
+        settings,
+        provider,
+        account,
+        "operator",
+        reason,
+        broadcast=load_queue(settings).set_consuming,
+    )
     err.print(f"paused {provider} ({account})")
 
 
 @cli.command()
 def resume() -> None:
     """Resume submissions and re-enqueue the items the pause held back."""
-    from pipeline.workflows import control
     from pipeline.queue import load_queue
     from pipeline.runtime import provider_identity
+    from pipeline.workflows import control
 
     settings = _settings()
     _schema(settings)
     provider, account = provider_identity(settings)
     queue = load_queue(settings)
-    n = control.resume(settings, provider, account, by="operator", enqueue=queue.enqueue,
-                       broadcast=queue.set_consuming)
+    n = control.resume(
+        settings,
+        provider,
+        account,
+        by="operator",
+        enqueue=queue.enqueue,
+        broadcast=queue.set_consuming,
+    )
     err.print(f"resumed {provider} ({account}); {n} items re-enqueued")
 
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=int)
-@click.option("--truth", "truth", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Ground-truth file(s) (default: the examples').")
+@click.option(
+    "--truth",
+    "truth",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ground-truth file(s) (default: the examples').",
+)
 @click.option("--quota", type=int, help="Calls the account may make (default IDOCR_SANDBOX_QUOTA).")
 @click.option("--latency", type=float, help="Seconds before each answer.")
 @click.option("--faults", help='Fault injection, e.g. "http_500=0.05,garbage=0.02,code:4010=0.1".')
-def sandbox(host: str, port: int, truth: tuple[str, ...], quota: int | None, latency: float | None, faults: str | None) -> None:
+def sandbox(
+    host: str,
+    port: int,
+    truth: tuple[str, ...],
+    quota: int | None,
+    latency: float | None,
+    faults: str | None,
+) -> None:
     """Run the local emulator of the providers' APIs (ihuyi and showapi protocols)."""
     from pipeline.runtime import SANDBOX_ACCOUNT, SANDBOX_KEY, start_sandbox
 
@@ -662,7 +843,10 @@ def sandbox(host: str, port: int, truth: tuple[str, ...], quota: int | None, lat
     # new request note its arrival time at once, not after another thread's 5 ms slice.
     sys.setswitchinterval(0.0005)
     server = start_sandbox(settings, host=host, port=port)
-    err.print(f"sandbox listening on {server.url}  (ihuyi account {SANDBOX_ACCOUNT!r}, key {SANDBOX_KEY!r})")
+    err.print(
+        f"sandbox listening on {server.url}  "
+        f"(ihuyi account {SANDBOX_ACCOUNT!r}, key {SANDBOX_KEY!r})"
+    )
     err.print(f"use it: IDOCR_PROVIDER=sandbox IDOCR_SANDBOX_URL={server.url}")
     try:
         while True:
@@ -704,7 +888,9 @@ def metrics(host: str, port: int) -> None:
     try:
         server = serve(port, host, build_registry(settings, state=True))
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
     err.print(f"metrics on http://{host}:{port}/metrics")
     try:
         while True:
@@ -729,7 +915,9 @@ def health() -> None:
     if current_revision(url) != head_revision():
         raise click.ClickException("the database schema is not up to date: run idocr migrate")
     if settings.redis_url:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=5, socket_connect_timeout=5
+        )
         try:
             client.ping()
         finally:
@@ -757,7 +945,7 @@ def main() -> None:
     try:
         code = cli.main(standalone_mode=False)
     except click.ClickException as exc:
-        exc.message = redact_text(exc.message)
+        exc.message = redact_text(exc.message)  # type: ignore[misc]  # click's stubs: Final
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

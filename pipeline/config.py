@@ -34,7 +34,10 @@ class ConfigError(ValueError):
 
 
 # The schema (JSONB on PostgreSQL, SQLite's locking) is written for these two only.
-_DATABASE_BACKENDS = {"sqlite": "sqlite:///path/idocr.db", "postgresql": "postgresql+psycopg://user@host/db"}
+_DATABASE_BACKENDS = {
+    "sqlite": "sqlite:///path/idocr.db",
+    "postgresql": "postgresql+psycopg://user@host/db",
+}
 
 
 def check_database_url(url: str) -> None:
@@ -70,7 +73,9 @@ def check_database_url(url: str) -> None:
         hint = (
             "psycopg ships with idocr; write the URL as postgresql+psycopg://…"
             if backend == "postgresql" and parsed.get_driver_name() != "psycopg"
-            else "pip install 'psycopg[binary]'" if backend == "postgresql" else "install it"
+            else "pip install 'psycopg[binary]'"
+            if backend == "postgresql"
+            else "install it"
         )
         raise ConfigError(
             f"IDOCR_DATABASE_URL needs the database driver {parsed.get_driver_name()!r}, which is "
@@ -108,7 +113,9 @@ class _TomlProfile(PydanticBaseSettingsSource):
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a refused value may be a key or a URL with a password in it
-    model_config = SettingsConfigDict(env_prefix="IDOCR_", extra="ignore", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="IDOCR_", extra="ignore", hide_input_in_errors=True
+    )
 
     # -- where things live ------------------------------------------------------------------
     data_dir: Path = Path(".idocr")
@@ -225,7 +232,10 @@ class Settings(BaseSettings):
         if self.rate_limit <= 0:
             raise ConfigError("IDOCR_RATE_LIMIT must be a positive number of calls per second")
         if not (self.balance_interval > 0 and self.balance_interval_paused > 0):
-            raise ConfigError("IDOCR_BALANCE_INTERVAL and IDOCR_BALANCE_INTERVAL_PAUSED must be positive (seconds)")
+            raise ConfigError(
+                "IDOCR_BALANCE_INTERVAL and IDOCR_BALANCE_INTERVAL_PAUSED must be positive "
+                "(seconds)"
+            )
         for name in ("rate_margin", "rate_start_margin"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"IDOCR_{name.upper()} must be at least 0 and below 1 (seconds)")
@@ -234,14 +244,20 @@ class Settings(BaseSettings):
         if self.concurrency < 1:
             raise ConfigError("IDOCR_CONCURRENCY must be at least 1 (calls in flight per worker)")
         if self.claim_lease < 4:
-            raise ConfigError("IDOCR_CLAIM_LEASE must be at least 4 seconds (claims are renewed "
-                              "every quarter of it)")
+            raise ConfigError(
+                "IDOCR_CLAIM_LEASE must be at least 4 seconds (claims are renewed "
+                "every quarter of it)"
+            )
         if not 0 < self.reconcile_interval <= self.claim_lease:
-            raise ConfigError("IDOCR_RECONCILE_INTERVAL must be positive and at most "
-                              f"IDOCR_CLAIM_LEASE ({self.claim_lease:g} s)")
+            raise ConfigError(
+                "IDOCR_RECONCILE_INTERVAL must be positive and at most "
+                f"IDOCR_CLAIM_LEASE ({self.claim_lease:g} s)"
+            )
         if self.broker_visibility_timeout < self.claim_lease:
-            raise ConfigError("IDOCR_BROKER_VISIBILITY_TIMEOUT must be at least IDOCR_CLAIM_LEASE "
-                              f"({self.claim_lease:g} s)")
+            raise ConfigError(
+                "IDOCR_BROKER_VISIBILITY_TIMEOUT must be at least IDOCR_CLAIM_LEASE "
+                f"({self.claim_lease:g} s)"
+            )
         if self.infra_retry_for <= 0:
             raise ConfigError("IDOCR_INFRA_RETRY_FOR must be positive (seconds)")
         return self

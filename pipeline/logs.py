@@ -1,7 +1,8 @@
 """Logging for every idocr process: plain text for a terminal, one JSON object per line for a
 log collector (``--log-format json`` or ``IDOCR_LOG_FORMAT=json``).
 
-PII never reaches a handler unmasked: :class:`pipeline.domain.validation.PIIFilter` redacts ID numbers
+PII never reaches a handler unmasked: :class:`pipeline.domain.validation.PIIFilter` redacts ID
+numbers
 from the message and the traceback, and the JSON formatter masks the structured fields too
 (``extra={"name": …, "id_number": …}`` by their maskers, any other string by the ID-number
 redaction). Numbers, booleans and None pass unchanged: an item id or a latency is not PII.

@@ -210,9 +210,9 @@ class StateCollector(Collector):
 
     def _sql(self, up: GaugeMetricFamily) -> Iterator[Any]:
         from pipeline.runtime import provider_identity
-        from pipeline.workflows.status import recent_batch_ids
         from pipeline.storage import repo
         from pipeline.storage.db import unit_of_work
+        from pipeline.workflows.status import recent_batch_ids
 
         provider, account = provider_identity(self.settings)
         items = GaugeMetricFamily(

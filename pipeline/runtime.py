@@ -15,19 +15,19 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, Settings
 from pipeline.coordination.dedupe import ContentClaims
-from pipeline.domain.images import ImageLimits
 from pipeline.coordination.gate import PauseSignal
 from pipeline.coordination.heartbeat import Heartbeat
 from pipeline.coordination.journal import AnswerJournal, SentMarks
-from pipeline.workflows.processing import Processor, RetryPolicy
-from pipeline.providers.base import Provider
-from pipeline.queue import WorkQueue
-from pipeline.providers.ihuyi import IhuyiClient
 from pipeline.coordination.quota import QuotaExhausted, QuotaLedger
 from pipeline.coordination.ratelimit import RateLimiter, rate_key
-from pipeline.workflows.reconcile import Reconciler
 from pipeline.coordination.redisconn import redis_client
+from pipeline.domain.images import ImageLimits
+from pipeline.providers.base import Provider
+from pipeline.providers.ihuyi import IhuyiClient
+from pipeline.queue import WorkQueue
 from pipeline.sources import head_uri, presign_uri, read_uri
+from pipeline.workflows.processing import Processor, RetryPolicy
+from pipeline.workflows.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def sandbox_truth_paths(settings: Settings) -> list[Path]:
     return [EXAMPLES_TRUTH] if EXAMPLES_TRUTH.is_file() else []
 
 
-def start_sandbox(settings: Settings, host: str = "127.0.0.1", port: int = 0):  # type: ignore[no-untyped-def]
+def start_sandbox(settings: Settings, host: str = "127.0.0.1", port: int = 0):
     """A sandbox server in a thread of this process."""
     from idocr_sandbox.server import FaultPlan, SandboxConfig, SandboxServer
     from idocr_sandbox.truth import TruthIndex
@@ -86,15 +86,22 @@ def build_provider(settings: Settings, name: str | None = None) -> Provider:
         return LocalOCRClient(timeout=settings.http_timeout)
     if name == "sandbox":
         return IhuyiClient(
-            SANDBOX_ACCOUNT, SANDBOX_KEY, _sandbox_url(settings),
-            timeout=settings.http_timeout, name="sandbox",
+            SANDBOX_ACCOUNT,
+            SANDBOX_KEY,
+            _sandbox_url(settings),
+            timeout=settings.http_timeout,
+            name="sandbox",
         )
     if name == "ihuyi":
         if not settings.ihuyi_account or settings.ihuyi_api_key is None:
-            raise ConfigError("IDOCR_PROVIDER=ihuyi needs IDOCR_IHUYI_ACCOUNT and IDOCR_IHUYI_API_KEY")
+            raise ConfigError(
+                "IDOCR_PROVIDER=ihuyi needs IDOCR_IHUYI_ACCOUNT and IDOCR_IHUYI_API_KEY"
+            )
         return IhuyiClient(
-            settings.ihuyi_account, settings.ihuyi_api_key.get_secret_value(),
-            settings.ihuyi_base_url, timeout=settings.http_timeout,
+            settings.ihuyi_account,
+            settings.ihuyi_api_key.get_secret_value(),
+            settings.ihuyi_base_url,
+            timeout=settings.http_timeout,
         )
     if name == "showapi":
         if settings.showapi_app_key is None:
@@ -102,7 +109,8 @@ def build_provider(settings: Settings, name: str | None = None) -> Provider:
         from pipeline.providers.showapi import ShowapiClient
 
         return ShowapiClient(
-            settings.showapi_app_key.get_secret_value(), settings.showapi_base_url,
+            settings.showapi_app_key.get_secret_value(),
+            settings.showapi_base_url,
             timeout=settings.http_timeout,
         )
     raise ConfigError(f"unknown provider {name!r}")
@@ -142,13 +150,18 @@ def worker_id() -> str:
 def provider_limiter(settings: Settings, provider: Provider) -> RateLimiter:
     """The one rate limiter of a provider account: submissions and balance queries share it."""
     return RateLimiter(
-        redis_client(settings), rate_key(provider.name, provider.account), settings.rate_limit,
-        settings.rate_burst, margin=settings.rate_margin, start_margin=settings.rate_start_margin,
+        redis_client(settings),
+        rate_key(provider.name, provider.account),
+        settings.rate_limit,
+        settings.rate_burst,
+        margin=settings.rate_margin,
+        start_margin=settings.rate_start_margin,
     )
 
 
 def build_processor(
-    settings: Settings, queue: WorkQueue | None = None,
+    settings: Settings,
+    queue: WorkQueue | None = None,
     on_pause: Callable[[str, str], None] | None = None,
 ) -> Processor:
     """The processor of the first provider of the chain, linked to one for each next provider
@@ -165,32 +178,42 @@ def build_processor(
         provider = build_provider(settings, name)
         # The local engine has no rate limit to keep and no paid quota to count.
         local = name == "local"
-        processors.append(Processor(
-            database_url=settings.resolved_database_url,
-            provider=provider,
-            limits=image_limits(settings),
-            retry=RetryPolicy(settings.max_attempts, settings.retry_initial, settings.retry_max),
-            worker_id=wid,
-            limiter=None if local else provider_limiter(settings, provider),
-            quota=None if local else QuotaLedger(
-                r, provider.name, provider.account, low_watermark=settings.quota_low_watermark),
-            quota_exhausted=QuotaExhausted,
-            on_pause=on_pause if position == len(chain) - 1 else None,
-            reader=functools.partial(read_uri, endpoint_url=settings.s3_endpoint_url),
-            head_reader=functools.partial(head_uri, endpoint_url=settings.s3_endpoint_url),
-            url_for=functools.partial(presign_uri, expires=settings.presign_expires,
-                                      endpoint_url=settings.s3_endpoint_url),
-            first_claim=ContentClaims(r).first,
-            claim_lease=timedelta(seconds=settings.claim_lease),
-            enqueue=queue.enqueue if queue is not None else None,
-            journal=journal,
-            sent_marks=SentMarks(r),
-            heartbeat=heartbeat,
-            infra_patience=settings.infra_retry_for,
-            resend_unknown=settings.resend_unknown,
-            pause_signal=PauseSignal(r, provider.name, provider.account),
-        ))
-    for earlier, later in zip(processors, processors[1:]):
+        processors.append(
+            Processor(
+                database_url=settings.resolved_database_url,
+                provider=provider,
+                limits=image_limits(settings),
+                retry=RetryPolicy(
+                    settings.max_attempts, settings.retry_initial, settings.retry_max
+                ),
+                worker_id=wid,
+                limiter=None if local else provider_limiter(settings, provider),
+                quota=None
+                if local
+                else QuotaLedger(
+                    r, provider.name, provider.account, low_watermark=settings.quota_low_watermark
+                ),
+                quota_exhausted=QuotaExhausted,
+                on_pause=on_pause if position == len(chain) - 1 else None,
+                reader=functools.partial(read_uri, endpoint_url=settings.s3_endpoint_url),
+                head_reader=functools.partial(head_uri, endpoint_url=settings.s3_endpoint_url),
+                url_for=functools.partial(
+                    presign_uri,
+                    expires=settings.presign_expires,
+                    endpoint_url=settings.s3_endpoint_url,
+                ),
+                first_claim=ContentClaims(r).first,
+                claim_lease=timedelta(seconds=settings.claim_lease),
+                enqueue=queue.enqueue if queue is not None else None,
+                journal=journal,
+                sent_marks=SentMarks(r),
+                heartbeat=heartbeat,
+                infra_patience=settings.infra_retry_for,
+                resend_unknown=settings.resend_unknown,
+                pause_signal=PauseSignal(r, provider.name, provider.account),
+            )
+        )
+    for earlier, later in zip(processors, processors[1:], strict=False):
         earlier.fallback = later
     for p in processors[1:]:
         p.primary = processors[0]
@@ -198,7 +221,9 @@ def build_processor(
 
 
 def answer_journal(settings: Settings) -> AnswerJournal:
-    return AnswerJournal(redis_client(settings), settings.data_dir.resolve() / "journal", worker_id())
+    return AnswerJournal(
+        redis_client(settings), settings.data_dir.resolve() / "journal", worker_id()
+    )
 
 
 def build_reconciler(settings: Settings, queue: WorkQueue) -> Reconciler:

@@ -24,8 +24,8 @@ from typing import Any
 import redis
 
 from pipeline.config import Settings
-from pipeline.workflows.reconcile import ensure_epoch
 from pipeline.coordination.redisconn import redis_client, redis_url
+from pipeline.workflows.reconcile import ensure_epoch
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ def _template(app: Any, queue: str) -> dict[str, Any] | None:
             try:
                 _templates[queue] = _probe_template(app, queue)
             except Exception:  # the ordinary path always works
-                log.info("message template unavailable; enqueueing through send_task", exc_info=True)
+                log.info(
+                    "message template unavailable; enqueueing through send_task", exc_info=True
+                )
                 _templates[queue] = None
         return _templates[queue]
 
@@ -101,8 +103,9 @@ def _probe_template(app: Any, queue: str) -> dict[str, Any] | None:
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         try:
-            app.send_task(SUBMIT_TASK, args=[0], queue=Queue(probe, routing_key=probe),
-                          connection=conn)
+            app.send_task(
+                SUBMIT_TASK, args=[0], queue=Queue(probe, routing_key=probe), connection=conn
+            )
             client = channel.client
             raw = client.rpop(probe)
         finally:
@@ -150,8 +153,13 @@ def _stamp_and_push(url: str, queue: str, template: dict[str, Any], ids: Sequenc
                 n = int(item_id)
                 tid = str(uuid.uuid4())
                 body = base64.b64encode(f"[[{n}], {body_tail}".encode()).decode()
-                pipe.lpush(queue, envelope.replace(_TID, tid).replace(_TAG, str(uuid.uuid4()))
-                           .replace(_BODY, body).replace(_ARGS, f"({n},)"))
+                pipe.lpush(
+                    queue,
+                    envelope.replace(_TID, tid)
+                    .replace(_TAG, str(uuid.uuid4()))
+                    .replace(_BODY, body)
+                    .replace(_ARGS, f"({n},)"),
+                )
             pipe.execute()
     finally:
         client.close()

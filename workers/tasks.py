@@ -8,9 +8,9 @@ import threading
 from celery import signals
 from celery.exceptions import Reject
 
+from pipeline.coordination.resilience import OutageTooLong
 from pipeline.workflows.processing import Processor
 from pipeline.workflows.reconcile import Reconciler
-from pipeline.coordination.resilience import OutageTooLong
 from workers.app import app, settings
 from workers.queue import CeleryQueue
 

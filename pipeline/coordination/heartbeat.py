@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 class Heartbeat:
     def __init__(
-        self, database_url: str, worker: str, interval: float,
+        self,
+        database_url: str,
+        worker: str,
+        interval: float,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.db = database_url
@@ -38,7 +41,9 @@ class Heartbeat:
             self._held[item_id] = self._held.get(item_id, 0) + 1
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
-                self._thread = threading.Thread(target=self._run, name="idocr-heartbeat", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="idocr-heartbeat", daemon=True
+                )
                 self._thread.start()
 
     def release(self, item_id: int) -> None:

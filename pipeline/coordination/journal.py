@@ -28,8 +28,8 @@ from typing import Any
 
 import redis
 
-from pipeline.providers.base import Outcome, ProviderResult
 from pipeline.coordination.resilience import is_infra_error
+from pipeline.providers.base import Outcome, ProviderResult
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +59,31 @@ class Entry:
     elapsed_ms: int | None = None
 
     def dumps(self) -> str:
-        d = {k: getattr(self, k) for k in ("item_id", "attempt_id", "provider", "sha256", "worker",
-                                           "elapsed_ms")}
+        d = {
+            k: getattr(self, k)
+            for k in ("item_id", "attempt_id", "provider", "sha256", "worker", "elapsed_ms")
+        }
         d["result"] = result_to_json(self.result)
         return json.dumps(d, ensure_ascii=False)
 
     @classmethod
     def loads(cls, raw: str | bytes) -> Entry:
         d = json.loads(raw)
-        return cls(d["item_id"], d["attempt_id"], d["provider"], d["sha256"],
-                   result_from_json(d["result"]), d["worker"], d.get("elapsed_ms"))
+        return cls(
+            d["item_id"],
+            d["attempt_id"],
+            d["provider"],
+            d["sha256"],
+            result_from_json(d["result"]),
+            d["worker"],
+            d.get("elapsed_ms"),
+        )
 
 
 class AnswerJournal:
-    def __init__(self, client: redis.Redis, directory: Path, worker: str, *, key: str = "idocr:journal") -> None:
+    def __init__(
+        self, client: redis.Redis, directory: Path, worker: str, *, key: str = "idocr:journal"
+    ) -> None:
         self.redis = client
         self.key = key
         self.directory = directory
@@ -98,7 +109,9 @@ class AnswerJournal:
         except Exception as exc:
             if not is_infra_error(exc):
                 raise
-            log.warning("item %s: answer journal entry not removed (%s)", item_id, type(exc).__name__)
+            log.warning(
+                "item %s: answer journal entry not removed (%s)", item_id, type(exc).__name__
+            )
 
     # -- reading ---------------------------------------------------------------------------
     def get(self, item_id: int) -> Entry | None:
@@ -122,7 +135,9 @@ class AnswerJournal:
             fh.write(entry.dumps() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        log.warning("item %s: answer kept in the local journal until the database is back", entry.item_id)
+        log.warning(
+            "item %s: answer kept in the local journal until the database is back", entry.item_id
+        )
 
     def move_files_to_redis(self) -> int:
         """Every local journal file of this host into the Redis journal (where the reconciler
@@ -166,17 +181,21 @@ class SentMarks:
         """The item's latest claim is ``claimant``'s (called right after the claim commits)."""
         self.redis.set(f"idocr:owner:{item_id}", claimant, ex=SENT_MARK_TTL)
 
-    def mark(self, attempt_id: int, item_id: int | None = None, claimant: str | None = None) -> bool:
+    def mark(
+        self, attempt_id: int, item_id: int | None = None, claimant: str | None = None
+    ) -> bool:
         """Mark the attempt sent, if ``claimant`` still owns the item; False (nothing marked)
         when another claim took it over. Without an owner key (Redis lost it) the claimant
         takes it."""
         if item_id is None or claimant is None:
             self.redis.set(f"{self.prefix}:{attempt_id}", 1, ex=SENT_MARK_TTL)
             return True
-        return bool(self._mark_if_owner(
-            keys=[f"idocr:owner:{item_id}", f"{self.prefix}:{attempt_id}"],
-            args=[claimant, SENT_MARK_TTL],
-        ))
+        return bool(
+            self._mark_if_owner(
+                keys=[f"idocr:owner:{item_id}", f"{self.prefix}:{attempt_id}"],
+                args=[claimant, SENT_MARK_TTL],
+            )
+        )
 
     def sent(self, attempt_ids: list[int]) -> set[int]:
         if not attempt_ids:

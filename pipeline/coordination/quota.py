@@ -245,7 +245,8 @@ class QuotaLedger:
     def record_reading(
         self, remaining: int, at: float | None = None, *, billed_since: int | None = None
     ) -> bool:
-        """Store a balance reading taken at ``at``; False, changing nothing, if a later one is stored.
+        """Store a balance reading taken at ``at``; False, changing nothing, if a later one is
+        stored.
 
         ``at`` is epoch seconds on *Redis's* clock, like every other time here (e.g. from
         ``redis_client.time()`` just before the GetNum request); default: Redis time now. Host

@@ -118,7 +118,8 @@ if delay > max_wait then
 end
 -- the key is useless once now >= new_tat; keep it a second longer, then let it go
 local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%.0f:%.0f', new_tat, since), 'PX', string.format('%.0f', ttl_ms))
+redis.call('SET', KEYS[1], string.format('%.0f:%.0f', new_tat, since),
+           'PX', string.format('%.0f', ttl_ms))
 return {1, delay}
 """
 
@@ -143,7 +144,8 @@ def rate_key(provider: str, account: str, *, prefix: str = "idocr") -> str:
 
 
 class RateLimiter:
-    """At most ``rate`` slots per second (plus ``burst`` back to back) across all clients of ``key``."""
+    """At most ``rate`` slots per second (plus ``burst`` back to back) across all clients of
+    ``key``."""
 
     def __init__(
         self,
@@ -178,13 +180,16 @@ class RateLimiter:
         self._script = redis_client.register_script(_GCRA_LUA)
 
     def __repr__(self) -> str:
-        return f"RateLimiter({self.key!r}, rate={self.rate}, burst={self.burst}, margin={self.margin})"
+        return (
+            f"RateLimiter({self.key!r}, rate={self.rate}, burst={self.burst}, margin={self.margin})"
+        )
 
     def _book(self, max_wait: float) -> tuple[bool, float]:
         # floor: a slot exactly at the cap counts as within it, never a microsecond beyond
         max_wait_us = math.floor(max_wait * 1_000_000)
         booked, delay_us = self._script(
-            keys=[self.key], args=[self._interval_us, self.burst, max_wait_us, self._start_interval_us]
+            keys=[self.key],
+            args=[self._interval_us, self.burst, max_wait_us, self._start_interval_us],
         )
         return bool(booked), int(delay_us) / 1_000_000
 
@@ -197,7 +202,8 @@ class RateLimiter:
         return self._book(self.max_wait if max_wait is None else max(0.0, max_wait))[1]
 
     def try_acquire(self) -> float:
-        """Take a slot if one is free now (returns 0.0); else the seconds to wait, nothing booked."""
+        """Take a slot if one is free now (returns 0.0); else the seconds to wait, nothing
+        booked."""
         return self._book(0.0)[1]
 
     def acquire(

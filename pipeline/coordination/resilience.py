@@ -60,7 +60,9 @@ def _log_retry(what: str) -> Callable[[RetryCallState], None]:
         exc = state.outcome.exception() if state.outcome else None
         log.warning(
             "%s: %s, trying again in %.1f s (attempt %d)",
-            what, type(exc).__name__, state.next_action.sleep if state.next_action else 0,
+            what,
+            type(exc).__name__,
+            state.next_action.sleep if state.next_action else 0,
             state.attempt_number,
         )
 
@@ -90,5 +92,7 @@ def outlast(
         return retrying(fn)
     except BaseException as exc:
         if is_infra_error(exc):
-            raise OutageTooLong(f"{what}: unreachable for {patience:g} s ({type(exc).__name__})") from None
+            raise OutageTooLong(
+                f"{what}: unreachable for {patience:g} s ({type(exc).__name__})"
+            ) from None
         raise

@@ -435,7 +435,7 @@ def _open(data: bytes, fmt: str, limits: ImageLimits) -> tuple[Image.Image, tupl
     # the limits below replace it, stricter on memory and the same for every format.
     factory, _accept = Image.OPEN[_PIL_FORMAT[fmt]]
     try:
-        img = factory(io.BytesIO(data), None)
+        img = factory(io.BytesIO(data), None)  # type: ignore[arg-type]  # no file name: bytes
     except _DECODE_ERRORS as exc:
         raise _corrupt(fmt, exc) from None
     src_size = img.size
@@ -515,7 +515,8 @@ def _render_pdf_first_page(data: bytes, limits: ImageLimits) -> Image.Image:
                 pdf.close()
     if img.mode != "RGB":
         img = img.convert("RGB")
-    _check_pixels(*img.size, limits, what="the rendered first PDF page")
+    width, height = img.size
+    _check_pixels(width, height, limits, what="the rendered first PDF page")
     return img
 
 

@@ -79,7 +79,8 @@ def _missing(level: Level = "error") -> Check:
 
 
 def _norm(s: str) -> str:
-    # NFKC folds full-width digits and punctuation (１９９０．０３) that OCR engines emit into ASCII;
+    # NFKC folds full-width digits and punctuation (１９９０．０３) that OCR engines emit
+    # into ASCII;
     # it leaves 年月日 and 长期 alone.
     return unicodedata.normalize("NFKC", s).strip()
 
@@ -737,9 +738,11 @@ _EXTRA_MASKERS: Final = {
     "date_of_birth": mask_date_of_birth,
     **{key: mask_file_name for key in _PATH_KEYS},
 }
-_RECORD_ATTRS: Final = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__
-) | {"message", "asctime", "taskName"}
+_RECORD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 
 
 def _mask_value(key: str | None, value: Any) -> Any:

@@ -3,7 +3,7 @@
 This is how batch document services (Textract, Document AI batch jobs) hand back results: the
 caller names an output location and finds there, per batch::
 
-    {batch}/results/{item_id:012d}.json   the normalised record of one item (pipeline.outputs.records)
+    {batch}/results/{item_id:012d}.json   the normalised record of one item (outputs.records)
     {batch}/manifest.jsonl                one line per item: source, key, status, result
     {batch}/manifest.json                 summary: batch, created_at, counts, the jsonl's name
 
@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
@@ -450,7 +450,7 @@ class _Uploader:
 
 def _records_with_ids(
     session: Session, batch_id: str, chunk: int
-) -> Iterator[tuple[int, dict[str, Any]]]:
+) -> Generator[tuple[int, dict[str, Any]], None, None]:
     """``records()`` paired with each item's id (the result name), which the record lacks.
 
     A second query streams ``(id, source_uri)`` in the same order (both order by item id). The

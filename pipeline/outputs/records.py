@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -84,7 +84,9 @@ def utc_iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="microseconds")
 
 
-def records(session: Session, batch_id: str, chunk: int = 1000) -> Iterator[dict[str, Any]]:
+def records(
+    session: Session, batch_id: str, chunk: int = 1000
+) -> Generator[dict[str, Any], None, None]:
     orig = aliased(Item)
     q = (
         select(Item, orig, Result, Batch.provider)

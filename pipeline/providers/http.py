@@ -50,7 +50,10 @@ def encode_form(pairs: Iterable[tuple[str, str]]) -> bytes:
 
 
 def post_form(
-    client: httpx.Client, url: str, form: dict[str, str] | bytes, params: dict[str, str] | None = None
+    client: httpx.Client,
+    url: str,
+    form: dict[str, str] | bytes,
+    params: dict[str, str] | None = None,
 ) -> tuple[Any, ProviderResult | None, int | None]:
     """POST a form (fields, or a body made by :func:`encode_form`); returns (parsed JSON body,
     None, status) or (None, failure result, status).
@@ -62,24 +65,78 @@ def post_form(
     try:
         resp = client.post(url, content=body, params=params, headers=FORM_HEADERS)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-        return None, _fail(Outcome.TRANSIENT, "connect", f"connection failed ({type(exc).__name__})"), None
+        return (
+            None,
+            _fail(Outcome.TRANSIENT, "connect", f"connection failed ({type(exc).__name__})"),
+            None,
+        )
     except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
-        return None, _fail(Outcome.UNKNOWN, "timeout", f"no answer in time ({type(exc).__name__}); the call may have been billed"), None
+        return (
+            None,
+            _fail(
+                Outcome.UNKNOWN,
+                "timeout",
+                f"no answer in time ({type(exc).__name__}); the call may have been billed",
+            ),
+            None,
+        )
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-        return None, _fail(Outcome.UNKNOWN, "lost", f"connection closed before an answer ({type(exc).__name__}); the call may have been billed"), None
+        return (
+            None,
+            _fail(
+                Outcome.UNKNOWN,
+                "lost",
+                f"connection closed before an answer ({type(exc).__name__}); "
+                "the call may have been billed",
+            ),
+            None,
+        )
     except httpx.HTTPError as exc:
         return None, _fail(Outcome.TRANSIENT, "http", f"HTTP error ({type(exc).__name__})"), None
     if resp.status_code >= 500:
-        return None, _fail(Outcome.TRANSIENT, f"http_{resp.status_code}", f"server error HTTP {resp.status_code}", resp.status_code), resp.status_code
+        return (
+            None,
+            _fail(
+                Outcome.TRANSIENT,
+                f"http_{resp.status_code}",
+                f"server error HTTP {resp.status_code}",
+                resp.status_code,
+            ),
+            resp.status_code,
+        )
     if resp.status_code >= 400:
         # 4xx from a gateway: our request or our account is wrong; retrying will not help.
-        return None, _fail(Outcome.AUTH if resp.status_code in (401, 403) else Outcome.ERROR, f"http_{resp.status_code}", f"HTTP {resp.status_code} from the provider", resp.status_code), resp.status_code
+        return (
+            None,
+            _fail(
+                Outcome.AUTH if resp.status_code in (401, 403) else Outcome.ERROR,
+                f"http_{resp.status_code}",
+                f"HTTP {resp.status_code} from the provider",
+                resp.status_code,
+            ),
+            resp.status_code,
+        )
     try:
         body = resp.json()
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        return None, _fail(Outcome.TRANSIENT, "garbage", f"unparseable response body ({len(resp.content)} bytes, HTTP {resp.status_code})", resp.status_code), resp.status_code
+        return (
+            None,
+            _fail(
+                Outcome.TRANSIENT,
+                "garbage",
+                f"unparseable response body ({len(resp.content)} bytes, HTTP {resp.status_code})",
+                resp.status_code,
+            ),
+            resp.status_code,
+        )
     if not isinstance(body, dict):
-        return None, _fail(Outcome.TRANSIENT, "garbage", "response body is not a JSON object", resp.status_code), resp.status_code
+        return (
+            None,
+            _fail(
+                Outcome.TRANSIENT, "garbage", "response body is not a JSON object", resp.status_code
+            ),
+            resp.status_code,
+        )
     return body, None, resp.status_code
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from pipeline.domain.validation import parse_date, parse_valid_period
 from pipeline.providers.base import (
     BalanceError,
     ImagePayload,
@@ -22,7 +23,6 @@ from pipeline.providers.base import (
 )
 from pipeline.providers.http import encode_form, make_client, now, post_form
 from pipeline.providers.ihuyi_sign import APP, finish, sign_getnum, submit_signer
-from pipeline.domain.validation import parse_date, parse_valid_period
 
 OK_CODE = "2"
 #: seed 000 §2.5; "0 unknown error", "1 submit failed", "4010 channel error" are worth a retry
@@ -92,7 +92,7 @@ _APP_TIME = f"&app={APP}&time=".encode("ascii")
 
 @dataclass(frozen=True, slots=True, repr=False)
 class PreparedSubmit:
-    """A Submit.json request short of its ``time`` and password (see :meth:`IhuyiClient.prepare`)."""
+    """A Submit.json request short of its ``time`` and password (:meth:`IhuyiClient.prepare`)."""
 
     signer: Any  # md5 over account + apikey + app + img_base64 + img_url: never printed
     head: bytes  # account=…&password=
@@ -146,7 +146,9 @@ class IhuyiClient:
         """Sign ``call`` with a fresh ``time`` and send it; each send is a new request."""
         t = self._clock()
         password = finish(call.signer, t)
-        body = b"".join((call.head, password.encode("ascii"), _APP_TIME, str(t).encode("ascii"), call.tail))
+        body = b"".join(
+            (call.head, password.encode("ascii"), _APP_TIME, str(t).encode("ascii"), call.tail)
+        )
         body, failure, status = post_form(self._http, f"{self._base}/ocr/Submit.json", body)
         if failure is not None:
             failure.sent_at = t
@@ -154,7 +156,14 @@ class IhuyiClient:
         code = str(body.get("code", "")).strip()
         msg = str(body.get("msg", ""))
         if not code:
-            return ProviderResult(Outcome.TRANSIENT, "garbage", "response has no code", raw=body, http_status=status, sent_at=t)
+            return ProviderResult(
+                Outcome.TRANSIENT,
+                "garbage",
+                "response has no code",
+                raw=body,
+                http_status=status,
+                sent_at=t,
+            )
         outcome = classify(code)
         ocrid = str(body.get("ocrid")) if body.get("ocrid") not in (None, "", "0", 0) else None
         side, fields = parse_content(body.get("content")) if outcome is Outcome.OK else (None, {})
@@ -184,11 +193,26 @@ class IhuyiClient:
         code = str(body.get("code", "")).strip()
         if code != OK_CODE:
             outcome = classify(code) if code else Outcome.TRANSIENT
-            raise BalanceError(ProviderResult(outcome, code or "garbage", str(body.get("msg", "")), raw=body, http_status=status))
+            raise BalanceError(
+                ProviderResult(
+                    outcome,
+                    code or "garbage",
+                    str(body.get("msg", "")),
+                    raw=body,
+                    http_status=status,
+                )
+            )
         try:
             return int(str(body.get("num")).strip())
         except ValueError:
-            raise BalanceError(ProviderResult(Outcome.TRANSIENT, "garbage", "GetNum answered a non-numeric num", http_status=status)) from None
+            raise BalanceError(
+                ProviderResult(
+                    Outcome.TRANSIENT,
+                    "garbage",
+                    "GetNum answered a non-numeric num",
+                    http_status=status,
+                )
+            ) from None
 
     def close(self) -> None:
         self._http.close()

@@ -18,9 +18,7 @@ def _md5(*parts: str) -> str:
     return hashlib.md5("".join(parts).encode("utf-8")).hexdigest()
 
 
-def submit_signer(
-    account: str, api_key: str, img_base64: str, img_url: str, app: str = APP
-) -> Any:
+def submit_signer(account: str, api_key: str, img_base64: str, img_url: str, app: str = APP) -> Any:
     """The Submit digest over everything but ``time``: a request is prepared once and signed at
     each send by :func:`finish` on a copy (the image is not hashed again)."""
     signer = hashlib.md5()

@@ -97,8 +97,8 @@ class CardOCR:
 
     def __init__(self, det_long_side: int = DET_LONG_SIDE) -> None:
         import cv2
-        from rapidocr_onnxruntime import RapidOCR  # type: ignore[import-untyped]
-        from rapidocr_onnxruntime.ch_ppocr_det.utils import (  # type: ignore[import-untyped]
+        from rapidocr_onnxruntime import RapidOCR
+        from rapidocr_onnxruntime.ch_ppocr_det.utils import (
             DetPreProcess,
         )
 

@@ -53,9 +53,9 @@ from typing import Any
 
 import httpx
 
+from pipeline.domain.validation import LONG_TERM, parse_date, parse_valid_period
 from pipeline.providers.base import ImagePayload, Outcome, ProviderResult
 from pipeline.providers.http import encode_form, make_client, post_form
-from pipeline.domain.validation import LONG_TERM, parse_date, parse_valid_period
 
 API_PATH = "/1429-1"
 
@@ -78,8 +78,18 @@ GARBAGE_CODE = "garbage"
 TRANSIENT_MARKERS = ("频率", "频繁", "qps", "并发", "繁忙", "busy", "rate limit")
 QUOTA_MARKERS = ("余额", "次数", "欠费", "quota", "balance")
 AUTH_MARKERS = (
-    "appkey", "权限", "未购买", "不存在", "未授权", "未开通", "无权", "禁用", "冻结",
-    "unauthor", "permission", "forbidden",
+    "appkey",
+    "权限",
+    "未购买",
+    "不存在",
+    "未授权",
+    "未开通",
+    "无权",
+    "禁用",
+    "冻结",
+    "unauthor",
+    "permission",
+    "forbidden",
 )
 
 SIDE_PARAM = {"front": "1", "back": "2"}  # anything else: "" = let showapi detect the side

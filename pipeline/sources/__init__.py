@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from pipeline.sources.base import Source, SourceError, SourceRef
 
-__all__ = ["Source", "SourceError", "SourceRef", "head_uri", "open_source", "presign_uri", "read_uri"]
+__all__ = [
+    "Source",
+    "SourceError",
+    "SourceRef",
+    "head_uri",
+    "open_source",
+    "presign_uri",
+    "read_uri",
+]
 
 
 def open_source(

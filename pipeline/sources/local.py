@@ -84,6 +84,8 @@ class LocalSource:
         if isinstance(top, SourceRef):
             yield top
             return
+        if top is None:  # only a link is refused as a loop; the root is entered
+            return
         stack = [top]
         while stack:
             folder = stack[-1]

@@ -21,6 +21,7 @@ Choices:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -351,7 +352,7 @@ class S3Source:
             try:
                 page = self._call(
                     f"list {where} (page {page_no})",
-                    lambda request=request: self.client.list_objects_v2(**request),
+                    functools.partial(self.client.list_objects_v2, **request),
                 )
             except Exception as exc:  # every failure becomes a SourceError
                 raise SourceError(
@@ -396,7 +397,9 @@ class S3Source:
 
         def get() -> bytes:
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes=0-{n - 1}")
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=full, Range=f"bytes=0-{n - 1}"
+                )
             except bexc.ClientError as exc:
                 if _error_code(exc) == "InvalidRange":  # an empty object has no byte 0
                     return b""
@@ -480,7 +483,9 @@ def _object(uri: str, endpoint_url: str | None) -> tuple[S3Source, str]:
     with _readers_lock:
         source = _readers.get((bucket, endpoint_url))
         if source is None:
-            source = _readers[(bucket, endpoint_url)] = S3Source(f"s3://{bucket}", endpoint_url=endpoint_url)
+            source = _readers[(bucket, endpoint_url)] = S3Source(
+                f"s3://{bucket}", endpoint_url=endpoint_url
+            )
     return source, key
 
 

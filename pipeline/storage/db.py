@@ -16,7 +16,7 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_ex
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # Several worker processes write one SQLite file: WAL lets readers go on while one writes,
     # busy_timeout makes writers wait for each other instead of failing.
     cur = dbapi_conn.cursor()
@@ -32,19 +32,21 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 
 @retry(
-    retry=retry_if_exception(lambda e: isinstance(e, sqlite3.OperationalError) and "locked" in str(e)),
+    retry=retry_if_exception(
+        lambda e: isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
+    ),
     wait=wait_random_exponential(multiplier=0.02, max=0.5),
     stop=stop_after_delay(60),
     reraise=True,
 )
-def _switch_to_wal(cur) -> None:  # type: ignore[no-untyped-def]
+def _switch_to_wal(cur) -> None:
     # The switch needs the file to itself and SQLite answers "locked" at once, without its busy
     # handler, when another connection reads it meanwhile (two commands opening a new database
     # together); it is persistent, so it is done once per file and retried until it is.
     cur.execute("PRAGMA journal_mode=WAL")
 
 
-def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_begin(conn) -> None:
     # Writers take the lock up front (a deferred transaction that upgrades fails instead of
     # waiting); readers do not take it at all, so polling and exports never block workers.
     if conn.get_execution_options().get("idocr_read_only"):
@@ -53,7 +55,7 @@ def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _drop_row_details(context) -> None:  # type: ignore[no-untyped-def]
+def _drop_row_details(context) -> None:
     # PostgreSQL's DETAIL line quotes the row or key a constraint refused ("Failing row
     # contains (…)", "Key (source_key)=(…) already exists"): the values hide_parameters hides.
     # It is dropped from both the driver's and SQLAlchemy's message (found by its text, as the
@@ -85,7 +87,8 @@ def make_engine(url: str) -> Engine:
         return engine
     # No pre-ping (a round trip before every transaction): a connection the server dropped
     # fails its statement with an error the callers treat as transient and retry
-    # (pipeline.coordination.resilience), on a fresh connection since the pool invalidates the dead one.
+    # (pipeline.coordination.resilience), on a fresh connection since the pool invalidates the
+    # dead one.
     engine = create_engine(
         url, pool_size=10, max_overflow=10, pool_recycle=1800, hide_parameters=True
     )
@@ -119,7 +122,7 @@ def unit_of_work(url: str, read_only: bool = False) -> Iterator[Session]:
             raise
 
 
-def alembic_config(url: str):  # type: ignore[no-untyped-def]
+def alembic_config(url: str):
     from alembic.config import Config
 
     cfg = Config()

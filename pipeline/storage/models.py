@@ -94,8 +94,13 @@ class Item(TimestampMixin, Base):
         # rescans look up what already succeeded by location (key + ETag)
         Index("ix_items_source_uri", "source_uri"),
         # the other side of a card is looked up by its shared name; most names have none
-        Index("ix_items_batch_id_pair_key", "batch_id", "pair_key",
-              postgresql_where=text("pair_key IS NOT NULL"), sqlite_where=text("pair_key IS NOT NULL")),
+        Index(
+            "ix_items_batch_id_pair_key",
+            "batch_id",
+            "pair_key",
+            postgresql_where=text("pair_key IS NOT NULL"),
+            sqlite_where=text("pair_key IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -184,7 +189,9 @@ class Pause(Base):
 
 class BalanceReading(Base):
     __tablename__ = "balance_readings"
-    __table_args__ = (Index("ix_balance_readings_account_taken", "provider", "account", "taken_at"),)
+    __table_args__ = (
+        Index("ix_balance_readings_account_taken", "provider", "account", "taken_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     provider: Mapped[str] = mapped_column(String(32))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
     and_,
@@ -23,6 +23,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
+
+if TYPE_CHECKING:
+    from sqlalchemy import CursorResult
 
 from pipeline.domain.pairing import PAIR_CHECK, SideRecord, pair_checks, pair_key
 from pipeline.storage.models import (
@@ -66,7 +69,9 @@ def refresh_statistics(session: Session) -> None:
 
 
 def latest_batch_id(session: Session) -> str | None:
-    return session.scalar(select(Batch.id).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(1))
+    return session.scalar(
+        select(Batch.id).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(1)
+    )
 
 
 # -- scanning ----------------------------------------------------------------------------------
@@ -112,20 +117,31 @@ def canonical_items(session: Session, sha256s: Iterable[str]) -> dict[str, int]:
         return {}
     rows = session.execute(
         select(Item.sha256, Item.id, Item.status).where(
-            one_of(session, Item.sha256, shas), Item.status.in_(_CANONICAL), Item.duplicate_of.is_(None)
+            one_of(session, Item.sha256, shas),
+            Item.status.in_(_CANONICAL),
+            Item.duplicate_of.is_(None),
         )
     )
-    best: dict[str, tuple[int, int]] = {}
+    best: dict[str | None, tuple[int, int]] = {}
     for sha, item_id, status in rows:
         rank = 0 if status == ItemStatus.SUCCEEDED else 1
         if sha not in best or (rank, item_id) < best[sha]:
             best[sha] = (rank, item_id)
-    return {sha: item_id for sha, (_, item_id) in best.items()}
+    return {sha: item_id for sha, (_, item_id) in best.items() if sha is not None}
 
 
 #: rejections that depend only on the bytes: the same object is rejected again without a look
 CONTENT_REJECTIONS = frozenset(
-    {"empty", "not_image", "unsupported_format", "corrupt", "too_small", "grayscale", "too_large", "pdf_error"}
+    {
+        "empty",
+        "not_image",
+        "unsupported_format",
+        "corrupt",
+        "too_small",
+        "grayscale",
+        "too_large",
+        "pdf_error",
+    }
 )
 
 
@@ -138,21 +154,31 @@ class Judged:
     duplicate_of: int | None
 
 
-def judged_at_location(session: Session, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Judged]:
+def judged_at_location(
+    session: Session, pairs: Iterable[tuple[str, str | None]]
+) -> dict[tuple[str, str | None], Judged]:
     """(source_uri, etag) → an earlier item (any batch) of that very object whose outcome
     carries over: succeeded, a duplicate of one that is, or rejected for its content."""
     wanted = set(pairs)
     if not wanted:
         return {}
     rows = session.execute(
-        select(Item.source_uri, Item.etag, Item.id, Item.status, Item.reason, Item.msg, Item.duplicate_of)
+        select(
+            Item.source_uri,
+            Item.etag,
+            Item.id,
+            Item.status,
+            Item.reason,
+            Item.msg,
+            Item.duplicate_of,
+        )
         .where(
             one_of(session, Item.source_uri, {u for u, _ in wanted}),
             Item.status.in_((ItemStatus.SUCCEEDED, ItemStatus.DUPLICATE, ItemStatus.REJECTED)),
         )
         .order_by(Item.id)
     )
-    found: dict[tuple[str, str], Judged] = {}
+    found: dict[tuple[str, str | None], Judged] = {}
     for uri, etag, item_id, status, reason, msg, dup in rows:
         if (uri, etag) not in wanted:
             continue
@@ -207,15 +233,27 @@ def add_items(
     later_copies: list[tuple[int, str]] = []
     for r in fresh:
         v: dict[str, Any] = {
-            "batch_id": batch_id, "source_key": r.source_key, "source_uri": r.source_uri,
-            "pair_key": pair_key(r.source_key), "fingerprint": r.fingerprint, "sha256": r.sha256,
-            "size": r.size, "etag": r.etag,
-            "status": r.status, "reason": r.reason, "msg": r.msg, "attempts": 0,
-            "duplicate_of": None, "created_at": now, "updated_at": now,
+            "batch_id": batch_id,
+            "source_key": r.source_key,
+            "source_uri": r.source_uri,
+            "pair_key": pair_key(r.source_key),
+            "fingerprint": r.fingerprint,
+            "sha256": r.sha256,
+            "size": r.size,
+            "etag": r.etag,
+            "status": r.status,
+            "reason": r.reason,
+            "msg": r.msg,
+            "attempts": 0,
+            "duplicate_of": None,
+            "created_at": now,
+            "updated_at": now,
         }
         if r.status == ItemStatus.QUEUED and r.sha256:
             if r.sha256 in canon:
-                v.update(status=ItemStatus.DUPLICATE, reason=SAME_CONTENT, duplicate_of=canon[r.sha256])
+                v.update(
+                    status=ItemStatus.DUPLICATE, reason=SAME_CONTENT, duplicate_of=canon[r.sha256]
+                )
             elif r.sha256 in first_here:
                 v.update(status=ItemStatus.DUPLICATE, reason=SAME_CONTENT)
                 later_copies.append((len(values), r.sha256))
@@ -225,19 +263,28 @@ def add_items(
             if j.status == ItemStatus.REJECTED:
                 v.update(status=ItemStatus.REJECTED, reason=j.reason, msg=j.msg)
             else:
-                v.update(status=ItemStatus.DUPLICATE, reason=ALREADY_SUCCEEDED,
-                         duplicate_of=j.duplicate_of or j.item_id)
+                v.update(
+                    status=ItemStatus.DUPLICATE,
+                    reason=ALREADY_SUCCEEDED,
+                    duplicate_of=j.duplicate_of or j.item_id,
+                )
         values.append(v)
-    ids = list(session.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), values))
+    ids = list(
+        session.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), values)
+    )
     if later_copies:
         # copies of an image first seen in this chunk point at it now that it has an id
         for index, sha in later_copies:
             session.execute(
-                update(Item).where(Item.id == ids[index])
+                update(Item)
+                .where(Item.id == ids[index])
                 .values(duplicate_of=ids[first_here[sha]])
                 .execution_options(synchronize_session=False)
             )
-    return [Added(i, v["source_key"], v["status"], v["reason"]) for i, v in zip(ids, values, strict=True)]
+    return [
+        Added(i, v["source_key"], v["status"], v["reason"])
+        for i, v in zip(ids, values, strict=True)
+    ]
 
 
 # -- processing --------------------------------------------------------------------------------
@@ -263,7 +310,9 @@ class Claimed:
     pair_key: str | None
 
 
-def claim_row(session: Session, item_id: int, worker: str, stale_before: datetime | None = None) -> Claimed | None:
+def claim_row(
+    session: Session, item_id: int, worker: str, stale_before: datetime | None = None
+) -> Claimed | None:
     """Compare-and-set queued → submitting, in one statement (UPDATE … RETURNING). A second
     delivery of the same message finds the item taken and gets None: it must not call the
     provider.
@@ -275,8 +324,12 @@ def claim_row(session: Session, item_id: int, worker: str, stale_before: datetim
     row = session.execute(
         update(Item)
         .where(Item.id == item_id, _claimable(stale_before))
-        .values(status=ItemStatus.SUBMITTING, claimed_at=now, claimed_by=worker[:128], updated_at=now)
-        .returning(Item.batch_id, Item.source_uri, Item.sha256, Item.size, Item.attempts, Item.pair_key)
+        .values(
+            status=ItemStatus.SUBMITTING, claimed_at=now, claimed_by=worker[:128], updated_at=now
+        )
+        .returning(
+            Item.batch_id, Item.source_uri, Item.sha256, Item.size, Item.attempts, Item.pair_key
+        )
         .execution_options(synchronize_session=False)
     ).first()
     return None if row is None else Claimed(*row)
@@ -286,12 +339,15 @@ def renew_claims(session: Session, item_ids: Sequence[int], worker: str) -> int:
     """The heartbeat: ``claimed_at`` = now for the claims ``worker`` still holds."""
     res = session.execute(
         update(Item)
-        .where(one_of(session, Item.id, item_ids), Item.status == ItemStatus.SUBMITTING,
-               Item.claimed_by == worker[:128])
+        .where(
+            one_of(session, Item.id, item_ids),
+            Item.status == ItemStatus.SUBMITTING,
+            Item.claimed_by == worker[:128],
+        )
         .values(claimed_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    return res.rowcount or 0
+    return cast("CursorResult[Any]", res).rowcount or 0
 
 
 #: why an item failed when its worker died while the provider had the image
@@ -325,14 +381,18 @@ def settle(session: Session, item_id: int, status: str, guard: Any, **values: An
         .values(status=status, updated_at=utcnow(), **values)
         .execution_options(synchronize_session=False)
     )
-    return res.rowcount == 1
+    return cast("CursorResult[Any]", res).rowcount == 1
 
 
 def open_attempts(session: Session, item_id: int) -> list[int]:
     """Attempts of the item with no outcome: calls a lost worker had under way."""
-    return list(session.scalars(
-        select(Attempt.id).where(Attempt.item_id == item_id, Attempt.outcome.is_(None)).order_by(Attempt.id)
-    ))
+    return list(
+        session.scalars(
+            select(Attempt.id)
+            .where(Attempt.item_id == item_id, Attempt.outcome.is_(None))
+            .order_by(Attempt.id)
+        )
+    )
 
 
 def close_attempts_unknown(session: Session, attempt_ids: Sequence[int]) -> None:
@@ -340,48 +400,68 @@ def close_attempts_unknown(session: Session, attempt_ids: Sequence[int]) -> None
         session.execute(
             update(Attempt)
             .where(Attempt.id.in_(attempt_ids), Attempt.outcome.is_(None))
-            .values(outcome="unknown", finished_at=utcnow(),
-                    msg="the worker was lost during this call; it may have been billed")
+            .values(
+                outcome="unknown",
+                finished_at=utcnow(),
+                msg="the worker was lost during this call; it may have been billed",
+            )
             .execution_options(synchronize_session=False)
         )
 
 
-def stale_claims(session: Session, stale_before: datetime, touched_before: datetime, limit: int) -> list[int]:
+def stale_claims(
+    session: Session, stale_before: datetime, touched_before: datetime, limit: int
+) -> list[int]:
     """Claims nobody has renewed since ``stale_before`` (their worker died), not re-sent since
     ``touched_before``."""
-    return list(session.scalars(
-        select(Item.id)
-        .where(Item.status == ItemStatus.SUBMITTING, Item.claimed_at < stale_before,
-               Item.updated_at < touched_before)
-        .order_by(Item.updated_at).limit(limit)
-    ))
+    return list(
+        session.scalars(
+            select(Item.id)
+            .where(
+                Item.status == ItemStatus.SUBMITTING,
+                Item.claimed_at < stale_before,
+                Item.updated_at < touched_before,
+            )
+            .order_by(Item.updated_at)
+            .limit(limit)
+        )
+    )
 
 
 def queued_untouched(session: Session, touched_before: datetime, limit: int) -> list[int]:
     """Queued items whose last message was sent before ``touched_before``."""
-    return list(session.scalars(
-        select(Item.id)
-        .where(Item.status == ItemStatus.QUEUED, Item.updated_at < touched_before)
-        .order_by(Item.updated_at).limit(limit)
-    ))
+    return list(
+        session.scalars(
+            select(Item.id)
+            .where(Item.status == ItemStatus.QUEUED, Item.updated_at < touched_before)
+            .order_by(Item.updated_at)
+            .limit(limit)
+        )
+    )
 
 
 def touch(session: Session, item_ids: Sequence[int]) -> None:
     """Note that a message was sent for these items now."""
     if item_ids:
         session.execute(
-            update(Item).where(one_of(session, Item.id, item_ids)).values(updated_at=utcnow())
+            update(Item)
+            .where(one_of(session, Item.id, item_ids))
+            .values(updated_at=utcnow())
             .execution_options(synchronize_session=False)
         )
 
 
-def requeue_failed(session: Session, batch_id: str, reasons: Sequence[str] = ("transient",)) -> list[int]:
+def requeue_failed(
+    session: Session, batch_id: str, reasons: Sequence[str] = ("transient",)
+) -> list[int]:
     """failed → queued for items that failed for one of ``reasons`` (by default: retries ran
     out on transient errors; an image the provider refused stays failed)."""
     ids = list(
         session.scalars(
             select(Item.id).where(
-                Item.batch_id == batch_id, Item.status == ItemStatus.FAILED, Item.reason.in_(reasons)
+                Item.batch_id == batch_id,
+                Item.status == ItemStatus.FAILED,
+                Item.reason.in_(reasons),
             )
         )
     )
@@ -416,7 +496,9 @@ def insert_attempt(session: Session, item_id: int, number: int, provider: str) -
         .returning(Attempt.id)
     ).scalar_one()
     session.execute(
-        update(Item).where(Item.id == item_id).values(attempts=number)
+        update(Item)
+        .where(Item.id == item_id)
+        .values(attempts=number)
         .execution_options(synchronize_session=False)
     )
     return int(attempt_id)
@@ -426,12 +508,16 @@ def drop_unsent_attempt(session: Session, attempt_id: int) -> None:
     """The attempt recorded for a call that was not made after all (the image was rejected,
     a duplicate, a pause): gone, and the item counts one call less."""
     item_id = session.scalar(
-        delete(Attempt).where(Attempt.id == attempt_id, Attempt.outcome.is_(None)).returning(Attempt.item_id)
+        delete(Attempt)
+        .where(Attempt.id == attempt_id, Attempt.outcome.is_(None))
+        .returning(Attempt.item_id)
     )
     if item_id is not None:
         session.execute(
-            update(Item).where(Item.id == item_id, Item.attempts > 0)
-            .values(attempts=Item.attempts - 1).execution_options(synchronize_session=False)
+            update(Item)
+            .where(Item.id == item_id, Item.attempts > 0)
+            .values(attempts=Item.attempts - 1)
+            .execution_options(synchronize_session=False)
         )
 
 
@@ -441,8 +527,10 @@ def delete_attempt(session: Session, attempt_id: int) -> None:
     if attempt is not None:
         session.delete(attempt)
         session.execute(
-            update(Item).where(Item.id == attempt.item_id, Item.attempts > 0)
-            .values(attempts=Item.attempts - 1).execution_options(synchronize_session=False)
+            update(Item)
+            .where(Item.id == attempt.item_id, Item.attempts > 0)
+            .values(attempts=Item.attempts - 1)
+            .execution_options(synchronize_session=False)
         )
 
 
@@ -481,13 +569,15 @@ def save_result(session: Session, values: dict[str, Any]) -> None:
 _PAIR_FIELDS = (Result.date_of_birth, Result.id_number, Result.valid_from, Result.valid_to)
 
 
-def _side_records(session: Session, batch_id: str, keys: Sequence[str]) -> dict[str, list[SideRecord]]:
+def _side_records(
+    session: Session, batch_id: str, keys: Sequence[str | None]
+) -> dict[str | None, list[SideRecord]]:
     rows = session.execute(
         select(Item.pair_key, Item.id, Item.source_key, Result.side, *_PAIR_FIELDS)
         .join(Result, Result.item_id == Item.id)
         .where(Item.batch_id == batch_id, one_of(session, Item.pair_key, keys))
     )
-    groups: dict[str, list[SideRecord]] = {}
+    groups: dict[str | None, list[SideRecord]] = {}
     for pair, item_id, key, side, *values in rows:
         fields = {c.key: v for c, v in zip(_PAIR_FIELDS, values, strict=True) if v is not None}
         groups.setdefault(pair, []).append(SideRecord(item_id, key, side, fields))
@@ -525,10 +615,13 @@ def pair_batch(session: Session, batch_id: str, chunk: int = 500) -> int:
     pairs, last = 0, None
     while True:  # keyset pages: a backfill's batch holds millions of names
         q = (
-            select(Item.pair_key).join(Result, Result.item_id == Item.id)
+            select(Item.pair_key)
+            .join(Result, Result.item_id == Item.id)
             .where(Item.batch_id == batch_id, Item.pair_key.is_not(None))
-            .group_by(Item.pair_key).having(func.count() == 2)
-            .order_by(Item.pair_key).limit(chunk)
+            .group_by(Item.pair_key)
+            .having(func.count() == 2)
+            .order_by(Item.pair_key)
+            .limit(chunk)
         )
         keys = list(session.scalars(q if last is None else q.where(Item.pair_key > last)))
         if not keys:
@@ -549,7 +642,9 @@ def open_pause(session: Session, provider: str, account: str) -> Pause | None:
     )
 
 
-def park_if_paused(session: Session, item_id: int, provider: str, account: str, **values: Any) -> bool:
+def park_if_paused(
+    session: Session, item_id: int, provider: str, account: str, **values: Any
+) -> bool:
     """Set the item ``paused`` if a pause is open, holding a share lock on the pause row until
     the commit: a resume (which updates that row) waits for us, then finds the item parked."""
     pause_id = session.scalar(
@@ -581,7 +676,7 @@ def close_pauses(session: Session, provider: str, account: str, by: str) -> int:
         .values(resumed_at=utcnow(), resumed_by=by)
         .execution_options(synchronize_session=False)
     )
-    return res.rowcount or 0
+    return cast("CursorResult[Any]", res).rowcount or 0
 
 
 def unpause_items(session: Session, provider: str, limit: int | None = None) -> list[int]:
@@ -606,7 +701,9 @@ def unpause_items(session: Session, provider: str, limit: int | None = None) -> 
 
 
 def add_balance_reading(session: Session, provider: str, account: str, remaining: int) -> None:
-    session.add(BalanceReading(provider=provider, account=account, remaining=remaining, taken_at=utcnow()))
+    session.add(
+        BalanceReading(provider=provider, account=account, remaining=remaining, taken_at=utcnow())
+    )
 
 
 def last_balance(session: Session, provider: str, account: str) -> BalanceReading | None:
@@ -643,24 +740,36 @@ def code_counts(session: Session, batch_id: str) -> dict[tuple[str, str], int]:
 def pending_count(session: Session, batch_id: str) -> int:
     """Items of the batch not in a final state, counting duplicates whose original is not."""
     canon = aliased(Item)
-    own = session.scalar(
-        select(func.count()).where(Item.batch_id == batch_id, Item.status.not_in(FINAL_STATUSES))
-    ) or 0
-    via = session.scalar(
-        select(func.count())
-        .select_from(Item)
-        .join(canon, and_(canon.id == Item.duplicate_of))
-        .where(
-            Item.batch_id == batch_id,
-            Item.status == ItemStatus.DUPLICATE,
-            canon.status.not_in(FINAL_STATUSES),
+    own = (
+        session.scalar(
+            select(func.count()).where(
+                Item.batch_id == batch_id, Item.status.not_in(FINAL_STATUSES)
+            )
         )
-    ) or 0
+        or 0
+    )
+    via = (
+        session.scalar(
+            select(func.count())
+            .select_from(Item)
+            .join(canon, and_(canon.id == Item.duplicate_of))
+            .where(
+                Item.batch_id == batch_id,
+                Item.status == ItemStatus.DUPLICATE,
+                canon.status.not_in(FINAL_STATUSES),
+            )
+        )
+        or 0
+    )
     return own + via
 
 
 def claimable_ids(
-    session: Session, batch_id: str, stale_before: datetime | None = None, after_id: int = 0, limit: int = 1000
+    session: Session,
+    batch_id: str,
+    stale_before: datetime | None = None,
+    after_id: int = 0,
+    limit: int = 1000,
 ) -> list[int]:
     """Items of the batch a message may be (re)sent for: queued, or stale claims."""
     return list(
@@ -671,5 +780,3 @@ def claimable_ids(
             .limit(limit)
         )
     )
-
-

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from pipeline.config import Settings
 from pipeline.coordination.gate import PauseSignal
-from pipeline.providers.base import BalanceError, Outcome, Provider
 from pipeline.coordination.quota import QuotaLedger
 from pipeline.coordination.ratelimit import RateLimiter
 from pipeline.coordination.redisconn import redis_client
+from pipeline.providers.base import BalanceError, Outcome, Provider
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Pause
@@ -42,7 +42,11 @@ def _signal(settings: Settings, provider: str, account: str) -> None:
 
 
 def pause(
-    settings: Settings, provider: str, account: str, kind: str, reason: str,
+    settings: Settings,
+    provider: str,
+    account: str,
+    kind: str,
+    reason: str,
     broadcast: Broadcast | None = None,
 ) -> Pause:
     with unit_of_work(settings.resolved_database_url) as s:
@@ -56,8 +60,13 @@ def pause(
 
 
 def resume(
-    settings: Settings, provider: str, account: str, by: str = "operator", *,
-    enqueue: Enqueue, broadcast: Broadcast | None = None,
+    settings: Settings,
+    provider: str,
+    account: str,
+    by: str = "operator",
+    *,
+    enqueue: Enqueue,
+    broadcast: Broadcast | None = None,
 ) -> int:
     """Close the pause and re-enqueue the items it parked; returns how many."""
     url = settings.resolved_database_url
@@ -119,8 +128,10 @@ def balance_due(settings: Settings, provider: Provider, now: float | None = None
 
 
 def check_balance(
-    settings: Settings, provider: Provider,
-    enqueue: Enqueue, broadcast: Broadcast | None = None,
+    settings: Settings,
+    provider: Provider,
+    enqueue: Enqueue,
+    broadcast: Broadcast | None = None,
 ) -> BalanceReport:
     """One balance reading: stored in SQL and in the Redis ledger; pauses below the low
     watermark, resumes a quota pause once the quota is back above the resume watermark.
@@ -128,9 +139,11 @@ def check_balance(
     With no pause open, it also tells every worker to consume the OCR queue: the broadcasts
     are fire-and-forget, and a worker that missed the last resume would otherwise stay idle."""
     report = _check_balance(settings, provider, enqueue, broadcast)
-    if broadcast is not None and report.action != "paused" and current_pause(
-        settings, provider.name, provider.account
-    ) is None:
+    if (
+        broadcast is not None
+        and report.action != "paused"
+        and current_pause(settings, provider.name, provider.account) is None
+    ):
         broadcast(True)
     return report
 
@@ -138,8 +151,12 @@ def check_balance(
 def _check_balance(
     settings: Settings, provider: Provider, enqueue: Enqueue, broadcast: Broadcast | None
 ) -> BalanceReport:
-    ledger = QuotaLedger(redis_client(settings), provider.name, provider.account,
-                         low_watermark=settings.quota_low_watermark)
+    ledger = QuotaLedger(
+        redis_client(settings),
+        provider.name,
+        provider.account,
+        low_watermark=settings.quota_low_watermark,
+    )
     mark = ledger.billed_mark()  # calls committed while the query is under way are subtracted
     from pipeline.runtime import provider_limiter
 
@@ -150,10 +167,12 @@ def _check_balance(
         r = exc.result
         if r.outcome in (Outcome.AUTH, Outcome.CLOCK):
             reason = (
-                f"{provider.name} balance query rejected the signature time (code {r.code} {r.msg}): "
+                f"{provider.name} balance query rejected the signature time "
+                f"(code {r.code} {r.msg}): "
                 "this machine's clock is probably skewed; fix the clock (NTP), then `idocr resume`"
-                if r.outcome is Outcome.CLOCK else
-                f"{provider.name} balance query refused (code {r.code} {r.msg}): check the account and key"
+                if r.outcome is Outcome.CLOCK
+                else f"{provider.name} balance query refused (code {r.code} {r.msg}): "
+                "check the account and key"
             )
             pause(settings, provider.name, provider.account, r.outcome.value, reason, broadcast)
             return BalanceReport(None, 0, "paused", f"code {r.code} {r.msg}")
@@ -168,13 +187,29 @@ def _check_balance(
     open_p = current_pause(settings, provider.name, provider.account)
     if snap.available is not None and snap.available <= settings.quota_low_watermark:
         if open_p is None:
-            pause(settings, provider.name, provider.account, "quota",
-                  f"{provider.name} quota low: {remaining} calls left "
-                  f"(low watermark {settings.quota_low_watermark}); top up to resume", broadcast)
+            pause(
+                settings,
+                provider.name,
+                provider.account,
+                "quota",
+                f"{provider.name} quota low: {remaining} calls left "
+                f"(low watermark {settings.quota_low_watermark}); top up to resume",
+                broadcast,
+            )
             return BalanceReport(remaining, snap.reserved, "paused")
         return BalanceReport(remaining, snap.reserved, "none", "still paused")
-    if open_p is not None and open_p.kind == "quota" and remaining >= settings.quota_resume_watermark:
-        n = resume(settings, provider.name, provider.account, by="balance-monitor",
-                   enqueue=enqueue, broadcast=broadcast)
+    if (
+        open_p is not None
+        and open_p.kind == "quota"
+        and remaining >= settings.quota_resume_watermark
+    ):
+        n = resume(
+            settings,
+            provider.name,
+            provider.account,
+            by="balance-monitor",
+            enqueue=enqueue,
+            broadcast=broadcast,
+        )
         return BalanceReport(remaining, snap.reserved, "resumed", f"{n} items re-enqueued")
     return BalanceReport(remaining, snap.reserved, "none")

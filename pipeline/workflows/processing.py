@@ -13,10 +13,12 @@ Money rules, in code order:
   attempt with no outcome (unknown: it may have been billed), never a silent double charge;
 * only transient failures are retried (tenacity, exponential backoff with jitter, bounded);
 * the database and Redis failing are not the image's fault: every step that needs them waits
-  the outage out (:mod:`pipeline.coordination.resilience`) instead of failing the item or dropping its message;
+  the outage out (:mod:`pipeline.coordination.resilience`) instead of failing the item or
+  dropping its message;
 * a paid answer is written together with its attempt and the item's final status, in one
   transaction guarded by the claim; if that write fails the answer goes to the journal
-  (:mod:`pipeline.coordination.journal`) first, and a takeover or the reconciler uses it instead of calling
+  (:mod:`pipeline.coordination.journal`) first, and a takeover or the reconciler uses it
+  instead of calling
   again;
 * a takeover (the claim's lease ran out: its worker died) settles what the lost worker left:
   a journaled answer is used; an attempt that never left (no sent mark) is dropped; one that
@@ -41,16 +43,16 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from pipeline import metrics
 from pipeline.coordination.gate import PauseSignal
 from pipeline.coordination.heartbeat import Heartbeat
-from pipeline.domain.images import ImageLimits, ImageRejected, prepare, sniff
 from pipeline.coordination.journal import AnswerJournal, Entry, SentMarks
-from pipeline.providers.base import ImagePayload, Outcome, Provider, ProviderResult
 from pipeline.coordination.resilience import OutageTooLong, is_infra_error, outlast
+from pipeline.domain.images import ImageLimits, ImageRejected, prepare, sniff
+from pipeline.domain.validation import check_fields
+from pipeline.providers.base import ImagePayload, Outcome, Provider, ProviderResult
 from pipeline.sources import read_uri
 from pipeline.sources.base import SourceError
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import ItemStatus, utcnow
-from pipeline.domain.validation import check_fields
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,9 @@ def pause_reason(result: ProviderResult, provider: str) -> str:
     )
 
 
-def result_row(item_id: int, provider: str, result: ProviderResult, today: datetime) -> dict[str, Any]:
+def result_row(
+    item_id: int, provider: str, result: ProviderResult, today: datetime
+) -> dict[str, Any]:
     side = result.side or ""
     f = result.fields
     return dict(
@@ -159,14 +163,22 @@ def apply_answer(session: Any, entry: Entry, guard: Any, today: datetime) -> str
     the writer's to settle (the attempt is recorded all the same)."""
     r = entry.result
     repo.finish_attempt(
-        session, entry.attempt_id, outcome=r.outcome.value, code=r.code, msg=r.msg,
-        http_status=r.http_status, elapsed_ms=entry.elapsed_ms or 0, ocrid=r.ocrid,
+        session,
+        entry.attempt_id,
+        outcome=r.outcome.value,
+        code=r.code,
+        msg=r.msg,
+        http_status=r.http_status,
+        elapsed_ms=entry.elapsed_ms or 0,
+        ocrid=r.ocrid,
     )
     values: dict[str, Any] = {"code": r.code, "msg": r.msg, "ocrid": r.ocrid}
     if entry.sha256:
         values["sha256"] = entry.sha256
     if r.outcome is Outcome.OK:
-        if not repo.settle(session, entry.item_id, ItemStatus.SUCCEEDED, guard, reason=None, **values):
+        if not repo.settle(
+            session, entry.item_id, ItemStatus.SUCCEEDED, guard, reason=None, **values
+        ):
             return None
         repo.save_result(session, result_row(entry.item_id, entry.provider, r, today))
         return ItemStatus.SUCCEEDED
@@ -192,7 +204,7 @@ class Processor:
         retry: RetryPolicy,
         worker_id: str,
         limiter: RateLimiterLike | None = None,
-        quota=None,  # type: ignore[no-untyped-def]
+        quota=None,
         quota_exhausted: type[Exception] = QuotaExhaustedLike,
         on_pause: Callable[[str, str], None] | None = None,
         reader: Callable[[str], bytes] = read_uri,
@@ -249,7 +261,8 @@ class Processor:
     # -- the task body -------------------------------------------------------------------------
     def process(self, item_id: int) -> str:
         """Returns the item's status after this delivery ("skipped": someone else has it).
-        Raises :class:`~pipeline.coordination.resilience.OutageTooLong` when the database or Redis stayed
+        Raises :class:`~pipeline.coordination.resilience.OutageTooLong` when the database or
+        Redis stayed
         away for the whole patience: the caller hands the message back."""
         if self.heartbeat is not None:
             self.heartbeat.hold(item_id)
@@ -267,9 +280,16 @@ class Processor:
                 # A defect, not the image's fault and not the infrastructure's: the item ends
                 # failed with the class named, instead of coming back with every takeover.
                 log.error("item %s: %s in the worker", item_id, type(exc).__name__)
-                self._outlast(lambda: self._close_open_attempts(item_id), f"item {item_id}: attempts")
-                return self._finish(claimed, ItemStatus.FAILED, reason="internal_error", sent=True,
-                                    msg=f"{type(exc).__name__} in the worker; see its log")
+                self._outlast(
+                    lambda: self._close_open_attempts(item_id), f"item {item_id}: attempts"
+                )
+                return self._finish(
+                    claimed,
+                    ItemStatus.FAILED,
+                    reason="internal_error",
+                    sent=True,
+                    msg=f"{type(exc).__name__} in the worker; see its log",
+                )
         finally:
             if self.heartbeat is not None:
                 self.heartbeat.release(item_id)
@@ -279,7 +299,9 @@ class Processor:
         one transaction: the work to go on with, or the status this delivery ends with."""
         applied: str | None = None
         with unit_of_work(self.db) as s:
-            row = repo.claim_row(s, item_id, self.worker_id, stale_before=utcnow() - self.claim_lease)
+            row = repo.claim_row(
+                s, item_id, self.worker_id, stale_before=utcnow() - self.claim_lease
+            )
             if row is None:
                 log.debug("item %s: not queued any more, delivery ignored", item_id)
                 return "skipped"
@@ -287,7 +309,9 @@ class Processor:
                 entry = self.journal.get(item_id) if self.journal is not None else None
                 if entry is not None:
                     # a paid answer its worker could not write: use it, never call again
-                    applied = apply_answer(s, entry, repo.answerable(worker=self.worker_id), self.today())
+                    applied = apply_answer(
+                        s, entry, repo.answerable(worker=self.worker_id), self.today()
+                    )
                 elif self._takeover_failed(s, item_id):
                     return ItemStatus.FAILED
             if applied is None:
@@ -297,10 +321,21 @@ class Processor:
                         return ItemStatus.PAUSED
                     route = self  # the pause ended meanwhile
                 via = self._via.get(row.batch_id) or self._via.setdefault(
-                    row.batch_id, repo.batch_via(s, row.batch_id))
+                    row.batch_id, repo.batch_via(s, row.batch_id)
+                )
                 attempt_id = repo.insert_attempt(s, item_id, 1, route.provider.name)
-                work = Work(item_id, row.batch_id, row.source_uri, row.sha256, row.size, via,
-                            row.pair_key, attempt_id, route, f"{self.worker_id}/{uuid.uuid4().hex[:12]}")
+                work = Work(
+                    item_id,
+                    row.batch_id,
+                    row.source_uri,
+                    row.sha256,
+                    row.size,
+                    via,
+                    row.pair_key,
+                    attempt_id,
+                    route,
+                    f"{self.worker_id}/{uuid.uuid4().hex[:12]}",
+                )
         if applied is None:
             if self.sent_marks is not None:
                 marks = self.sent_marks
@@ -332,7 +367,9 @@ class Processor:
         nxt = self.fallback._route() if self.fallback is not None else None
         if nxt is None:
             return None
-        log.warning("item %s: %s paused, sent to %s", w.item_id, self.provider.name, nxt.provider.name)
+        log.warning(
+            "item %s: %s paused, sent to %s", w.item_id, self.provider.name, nxt.provider.name
+        )
         return nxt._submit(replace(w, attempt_id=None, route=nxt), payload, digest)
 
     def _takeover_failed(self, s: Any, item_id: int) -> bool:
@@ -364,7 +401,9 @@ class Processor:
         digest = hashlib.sha256(data).hexdigest()
         if w.sha256 and digest != w.sha256:
             return self._finish(
-                w, ItemStatus.REJECTED, reason="changed",
+                w,
+                ItemStatus.REJECTED,
+                reason="changed",
                 msg="the file changed after it was scanned; scan the source again",
             )
         if not w.sha256:
@@ -372,13 +411,18 @@ class Processor:
             original = self._original_of(w.item_id, digest)
             if original is not None:
                 return self._finish(
-                    w, ItemStatus.DUPLICATE, reason=repo.SAME_CONTENT,
-                    duplicate_of=original, sha256=digest,
+                    w,
+                    ItemStatus.DUPLICATE,
+                    reason=repo.SAME_CONTENT,
+                    duplicate_of=original,
+                    sha256=digest,
                 )
         try:
             prepared = prepare(data, self.limits)
         except ImageRejected as exc:
-            return self._finish(w, ItemStatus.REJECTED, reason=exc.reason, msg=str(exc), sha256=digest)
+            return self._finish(
+                w, ItemStatus.REJECTED, reason=exc.reason, msg=str(exc), sha256=digest
+            )
         del data
         return w.route._submit(w, ImagePayload(data=prepared.data), digest)
 
@@ -394,8 +438,10 @@ class Processor:
         if known is not None and known != item_id:
             return known
         if self.first_claim is not None:
-            winner = self._outlast(lambda: self.first_claim(digest, item_id),  # type: ignore[misc]
-                                   f"item {item_id}: same-content claim")
+            winner = self._outlast(
+                lambda: self.first_claim(digest, item_id),  # type: ignore[misc]
+                f"item {item_id}: same-content claim",
+            )
             if winner != item_id:
                 return winner
         return None
@@ -405,27 +451,42 @@ class Processor:
         tell can be checked here, and the bytes never pass through the worker."""
         if self.url_for is None or self.head_reader is None:
             return self._finish(
-                w, ItemStatus.REJECTED, reason="no_url",
+                w,
+                ItemStatus.REJECTED,
+                reason="no_url",
                 msg="this source cannot give the provider a URL; scan it with --via bytes",
             )
         if w.size is not None and w.size > self.limits.max_payload_bytes:
             return self._finish(
-                w, ItemStatus.REJECTED, reason="too_large",
-                msg=f"the object is {w.size} bytes; the provider fetches at most {self.limits.max_payload_bytes}",
+                w,
+                ItemStatus.REJECTED,
+                reason="too_large",
+                msg=f"the object is {w.size} bytes; the provider fetches at most "
+                f"{self.limits.max_payload_bytes}",
             )
         try:
             head = self.head_reader(w.uri)
         except SourceError as exc:
             return self._finish(w, ItemStatus.REJECTED, reason="unreadable", msg=str(exc))
         if not head:
-            return self._finish(w, ItemStatus.REJECTED, reason="empty", msg="the object is empty (0 bytes)")
+            return self._finish(
+                w, ItemStatus.REJECTED, reason="empty", msg="the object is empty (0 bytes)"
+            )
         fmt = sniff(head)
         if fmt is None:
-            return self._finish(w, ItemStatus.REJECTED, reason="not_image",
-                                msg="not an image: the content is not JPEG, PNG, BMP or PDF")
+            return self._finish(
+                w,
+                ItemStatus.REJECTED,
+                reason="not_image",
+                msg="not an image: the content is not JPEG, PNG, BMP or PDF",
+            )
         if fmt not in self.limits.allowed:
-            return self._finish(w, ItemStatus.REJECTED, reason="unsupported_format",
-                                msg=f"{fmt.upper()} is not accepted by the provider (JPG, JPEG, PNG, BMP, PDF)")
+            return self._finish(
+                w,
+                ItemStatus.REJECTED,
+                reason="unsupported_format",
+                msg=f"{fmt.upper()} is not accepted by the provider (JPG, JPEG, PNG, BMP, PDF)",
+            )
         try:
             url = self.url_for(w.uri)
         except SourceError as exc:
@@ -441,7 +502,9 @@ class Processor:
 
         retrying = Retrying(
             stop=stop_after_attempt(self.retry.max_attempts),
-            wait=wait_exponential_jitter(multiplier=self.retry.initial, max=self.retry.max_wait, jitter=self.retry.initial),
+            wait=wait_exponential_jitter(
+                multiplier=self.retry.initial, max=self.retry.max_wait, jitter=self.retry.initial
+            ),
             retry=retry_if_exception_type(_Again),
             before_sleep=self._count_retry,
             sleep=self.sleep,
@@ -453,8 +516,9 @@ class Processor:
                     calls += 1
                     # the first call's attempt row was written with the claim
                     pre = w.attempt_id if calls == 1 else None
-                    result, attempt_id, elapsed = self._call_once(item_id, calls, call, pre,
-                                                                  claimant=w.claimant)
+                    result, attempt_id, elapsed = self._call_once(
+                        item_id, calls, call, pre, claimant=w.claimant
+                    )
                     if result.outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN):
                         raise _Again(result)
                     if result.outcome is Outcome.CLOCK and not clock_resigned:
@@ -465,11 +529,17 @@ class Processor:
             if r.outcome is Outcome.CLOCK:
                 # the attempts ran out before the re-sign: still a clock problem, never a failure
                 self._pause("clock", pause_reason(r, self.provider.name))
-                return (self._failover(w, payload, digest)
-                        or self._park(item_id, sha256=digest, code=r.code, msg=r.msg))
+                return self._failover(w, payload, digest) or self._park(
+                    item_id, sha256=digest, code=r.code, msg=r.msg
+                )
             return self._finish(
-                w, ItemStatus.FAILED, reason="transient", code=r.code,
-                msg=f"gave up after {calls} attempts: {r.msg}", sha256=digest, sent=True,
+                w,
+                ItemStatus.FAILED,
+                reason="transient",
+                code=r.code,
+                msg=f"gave up after {calls} attempts: {r.msg}",
+                sha256=digest,
+                sent=True,
             )
         except _Paused as p:
             if p.new:
@@ -481,12 +551,17 @@ class Processor:
 
         if result.outcome in ANSWERS:
             pair = (w.batch_id, w.pair_key) if w.pair_key is not None else None
-            return self._settle(Entry(item_id, attempt_id, self.provider.name, digest, result,
-                                      self.worker_id, elapsed), pair=pair)
+            return self._settle(
+                Entry(
+                    item_id, attempt_id, self.provider.name, digest, result, self.worker_id, elapsed
+                ),
+                pair=pair,
+            )
         if result.outcome in PAUSING:
             self._pause(PAUSING[result.outcome], pause_reason(result, self.provider.name))
-            return (self._failover(w, payload, digest)
-                    or self._park(item_id, sha256=digest, code=result.code, msg=result.msg))
+            return self._failover(w, payload, digest) or self._park(
+                item_id, sha256=digest, code=result.code, msg=result.msg
+            )
         raise AssertionError(f"unhandled outcome {result.outcome}")  # pragma: no cover
 
     def _count_retry(self, state: Any) -> None:
@@ -495,7 +570,11 @@ class Processor:
             metrics.record_retry(self.provider.name, exc.result.outcome.value)
 
     def _call_once(
-        self, item_id: int, number: int, call: Any, attempt_id: int | None = None,
+        self,
+        item_id: int,
+        number: int,
+        call: Any,
+        attempt_id: int | None = None,
         claimant: str | None = None,
     ) -> tuple[ProviderResult, int, int]:
         """One call: (answer, attempt id, ms). ``attempt_id``: the attempt already recorded
@@ -510,20 +589,31 @@ class Processor:
                 except self.quota_exhausted as exc:
                     if attempt_id is not None:
                         self._drop_attempt(attempt_id)
-                    raise _Paused("quota", f"{self.provider.name} quota at its low watermark "
-                                  f"({exc}); submissions resume when a balance reading shows it "
-                                  "topped up", new=True) from None
+                    raise _Paused(
+                        "quota",
+                        f"{self.provider.name} quota at its low watermark "
+                        f"({exc}); submissions resume when a balance reading shows it "
+                        "topped up",
+                        new=True,
+                    ) from None
             if attempt_id is None:
-                attempt_id = self._outlast(lambda: self._start_attempt(item_id, number),
-                                           f"item {item_id}: attempt record")
+                attempt_id = self._outlast(
+                    lambda: self._start_attempt(item_id, number), f"item {item_id}: attempt record"
+                )
             recorded = attempt_id
             # The slot is taken last, right before the send: work between the two would shift
             # calls in time and let more than the rate arrive within some second. A pause that
             # came while we waited is seen just before the slot.
             if self.limiter is not None:
                 limiter = self.limiter
-                waited = self._outlast(lambda: limiter.acquire(before_slot=lambda: self._check_gate(
-                    unsent_attempt=recorded, reserved=reservation is not None)), "rate limiter")
+                waited = self._outlast(
+                    lambda: limiter.acquire(
+                        before_slot=lambda: self._check_gate(
+                            unsent_attempt=recorded, reserved=reservation is not None
+                        )
+                    ),
+                    "rate limiter",
+                )
                 metrics.record_limiter_wait(waited, self.provider.name)
             if self.sent_marks is not None:
                 marks = self.sent_marks
@@ -548,15 +638,24 @@ class Processor:
         metrics.record_call(self.provider.name, result.outcome.value, result.code, elapsed / 1000)
         log.debug(
             "item %s attempt %d: %s code=%s in %d ms",
-            item_id, number, result.outcome.value, result.code, elapsed,
+            item_id,
+            number,
+            result.outcome.value,
+            result.code,
+            elapsed,
         )
         if result.outcome not in ANSWERS:
 
             def finish() -> None:
                 with unit_of_work(self.db) as s:
                     repo.finish_attempt(
-                        s, recorded, outcome=result.outcome.value, code=result.code,
-                        msg=result.msg, http_status=result.http_status, elapsed_ms=elapsed,
+                        s,
+                        recorded,
+                        outcome=result.outcome.value,
+                        code=result.code,
+                        msg=result.msg,
+                        http_status=result.http_status,
+                        elapsed_ms=elapsed,
                         ocrid=result.ocrid,
                     )
 
@@ -583,7 +682,9 @@ class Processor:
         except Exception as exc:
             if not is_infra_error(exc):
                 raise
-            log.warning("quota reservation not settled (%s); it expires on its own", type(exc).__name__)
+            log.warning(
+                "quota reservation not settled (%s); it expires on its own", type(exc).__name__
+            )
 
     def _open_pause(self) -> Any:
         """The open pause of this account, or None. Read from SQL again only when the pause
@@ -658,11 +759,17 @@ class Processor:
         if journaled and self.journal is not None:
             self.journal.drop(entry.item_id)
         if status is None:
-            log.warning("item %s: taken over before its answer was written; the answer is on "
-                        "its attempt", entry.item_id)
+            log.warning(
+                "item %s: taken over before its answer was written; the answer is on its attempt",
+                entry.item_id,
+            )
             return "taken_over"
-        metrics.record_item_final(status, None if status == ItemStatus.SUCCEEDED else
-                                  ("image" if entry.result.outcome is Outcome.IMAGE else "refused"))
+        metrics.record_item_final(
+            status,
+            None
+            if status == ItemStatus.SUCCEEDED
+            else ("image" if entry.result.outcome is Outcome.IMAGE else "refused"),
+        )
         if status == ItemStatus.SUCCEEDED:
             if entry.result.side and pair is not None:
                 self._pair(entry.item_id, pair)
@@ -682,7 +789,9 @@ class Processor:
                     repo.store_pair_checks(s, group)
         except Exception as exc:  # the result stands; `idocr export` pairs the batch again
             # the class only: a database error quotes its parameters (file names, fields)
-            log.warning("item %s: pairing with the other side failed (%s)", item_id, type(exc).__name__)
+            log.warning(
+                "item %s: pairing with the other side failed (%s)", item_id, type(exc).__name__
+            )
 
     def _finish(self, w: Work, status: str, *, sent: bool = False, **values: object) -> str:
         """A final status without an answer to write. ``sent``: calls were made (their attempts
@@ -700,9 +809,11 @@ class Processor:
         if not self._outlast(write, f"item {item_id}: status"):
             log.warning("item %s: taken over before it was settled", item_id)
             return "taken_over"
-        metrics.record_item_final(status, values.get("reason"))  # type: ignore[arg-type]
+        metrics.record_item_final(status, values.get("reason"))
         if status != ItemStatus.SUCCEEDED:
-            log.info("item %s: %s (%s)", item_id, status, values.get("reason") or values.get("code"))
+            log.info(
+                "item %s: %s (%s)", item_id, status, values.get("reason") or values.get("code")
+            )
         return status
 
     def _park(self, item_id: int, **values: object) -> str:

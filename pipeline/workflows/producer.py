@@ -132,7 +132,7 @@ def to_new_item(ref: SourceRef, allowed: frozenset[str]) -> repo.NewItem:
     return row
 
 
-def _list_child(source: Source, chunk_size: int, conn) -> None:  # type: ignore[no-untyped-def]
+def _list_child(source: Source, chunk_size: int, conn) -> None:
     try:
         for chunk in _chunks(source.iter_refs(), chunk_size):
             conn.send(chunk)  # blocks while the parent is behind: memory stays bounded
@@ -148,7 +148,9 @@ def _listed_in_child(source: Source, chunk_size: int) -> Iterator[list[SourceRef
     otherwise take turns with the inserts on one core. Chunks come back through a pipe."""
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_list_child, args=(source, chunk_size, child), name="idocr-list", daemon=True)
+    proc = ctx.Process(
+        target=_list_child, args=(source, chunk_size, child), name="idocr-list", daemon=True
+    )
     proc.start()
     child.close()
     try:
@@ -232,7 +234,10 @@ def retry_failed(
 
 
 def requeue(
-    database_url: str, batch_id: str, enqueue: Enqueue, stale_before: datetime | None = None,
+    database_url: str,
+    batch_id: str,
+    enqueue: Enqueue,
+    stale_before: datetime | None = None,
     chunk_size: int = 1000,
 ) -> int:
     """Send a message again for every queued item of the batch (after a crash between commit

@@ -3,7 +3,8 @@
 Anything the broker can lose is found again from SQL, one indexed query per kind per pass
 (``ix_items_status_updated_at``; no table scans at millions of items):
 
-1. **Journaled answers** (:mod:`pipeline.coordination.journal`): a paid answer its worker could not write is
+1. **Journaled answers** (:mod:`pipeline.coordination.journal`): a paid answer its worker could
+   not write is
    written now, if the item is still waiting for it (its claim abandoned, or failed as
    ``unknown``); entries for items already settled are dropped.
 2. **A broker that lost its data** (a Redis restarted empty): the producer leaves an epoch
@@ -33,10 +34,10 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 from pipeline.coordination.journal import AnswerJournal
-from pipeline.workflows.processing import apply_answer
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import FINAL_STATUSES, Item, ItemStatus, utcnow
+from pipeline.workflows.processing import apply_answer
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,13 @@ class Report:
 
     @property
     def acted(self) -> bool:
-        return bool(self.replayed or self.resent_all or self.stale_claims or self.lost_messages
-                    or self.unparked)
+        return bool(
+            self.replayed
+            or self.resent_all
+            or self.stale_claims
+            or self.lost_messages
+            or self.unparked
+        )
 
 
 class Reconciler:
@@ -119,8 +125,9 @@ class Reconciler:
         self._epoch: str | None = None
 
     def run_once(self) -> Report:
-        lock = self.redis.lock("idocr:reconcile-lock", timeout=max(60.0, 4 * self.interval),
-                               blocking=False)
+        lock = self.redis.lock(
+            "idocr:reconcile-lock", timeout=max(60.0, 4 * self.interval), blocking=False
+        )
         if not lock.acquire():
             return Report(ran=False)
         try:

@@ -15,9 +15,9 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Settings
+from pipeline.domain.validation import redact_text
 from pipeline.outputs.records import utc_iso
 from pipeline.storage.models import FINAL_STATUSES, Attempt, Batch, Item
-from pipeline.domain.validation import redact_text
 
 __all__ = ["BatchStatus", "NoSuchBatch", "collect", "latest_batch_id", "recent_batch_ids"]
 
