@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.sources.s3 import S3Source, make_s3_client
+from pipeline.s3 import make_s3_client
+from pipeline.sources.s3 import S3Source
 
 
 def _maxrss_mib() -> float:

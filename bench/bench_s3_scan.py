@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_s3_list import upload
-from pipeline.sources.s3 import make_s3_client
+from pipeline.s3 import make_s3_client
 
 # the child prints its own peak RSS after the scan
 CHILD = (

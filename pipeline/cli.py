@@ -123,6 +123,15 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _scheme_presign(location: str) -> str | None:
+    from pipeline.locations import scheme_of
+
+    try:
+        return scheme_of(location).presign
+    except ValueError:
+        return None  # refused with its own message when the source is opened
+
+
 def _prepare_scan(
     settings: Settings,
     location: str,
@@ -148,7 +157,7 @@ def _prepare_scan(
                 f"batch {batch_id} was scanned with --via {batch_via}; go on with --via {batch_via}"
             )
         via = batch_via
-    if via == "url" and not location.startswith("s3://"):
+    if via == "url" and _scheme_presign(location) is None:
         # the provider fetches the image itself: it needs a URL it can reach, and only an
         # object store can presign one
         raise click.UsageError(

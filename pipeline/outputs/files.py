@@ -48,17 +48,10 @@ from typing import Any, Protocol, Self, TypeVar
 from boto3.exceptions import S3UploadFailedError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
+from pipeline.locations import load, scheme_of
 from pipeline.outputs.records import records
-from pipeline.sources.s3 import SCHEME, describe_error, is_transient, make_s3_client, parse_s3_uri
+from pipeline.s3 import SCHEME, S3Retry, describe_error, is_transient, make_s3_client, parse_s3_uri
 from pipeline.storage.models import Batch, Item
 
 log = logging.getLogger(__name__)
@@ -288,14 +281,9 @@ class S3Output:
         self.uri = f"{SCHEME}{self.bucket}/{self.prefix}"
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
-        if retry_attempts < 1:
-            raise ValueError("retry_attempts must be at least 1")
+        self._retry = S3Retry(retry_attempts, retry_wait, retry_max_wait, retry_deadline)
         self.concurrency = max_workers
         self.endpoint_url = endpoint_url
-        self._retry_attempts = retry_attempts
-        self._retry_wait = retry_wait
-        self._retry_max_wait = retry_max_wait
-        self._retry_deadline = retry_deadline
         self._owns_client = client is None
         # One pooled connection per upload thread, plus the manifest's multipart upload.
         self._client: Any = client or make_s3_client(
@@ -309,36 +297,18 @@ class S3Output:
         return f"{SCHEME}{self.bucket}/{self.prefix}{_check_name(name)}"
 
     def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
-        retrying = Retrying(
-            retry=retry_if_exception(_transient),
-            wait=wait_random_exponential(multiplier=self._retry_wait, max=self._retry_max_wait),
-            stop=stop_after_attempt(self._retry_attempts) | stop_after_delay(self._retry_deadline),
-            before_sleep=self._log_retry(what, key),
-            reraise=True,
-        )
         try:
-            return retrying(fn)
+            return self._retry.call(
+                f"{what} s3://{self.bucket}/{key}",
+                fn,
+                transient=_transient,
+                describe=lambda exc: describe_error(_upload_cause(exc)),
+            )
         except Exception as exc:  # every failure becomes an OutputError
             raise OutputError(
                 f"cannot write to bucket {self.bucket!r} prefix {self.prefix!r} "
                 f"(object {key.removeprefix(self.prefix)!r}): {describe_error(_upload_cause(exc))}"
             ) from exc
-
-    def _log_retry(self, what: str, key: str) -> Callable[[RetryCallState], None]:
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            wait_s = state.next_action.sleep if state.next_action else 0.0
-            log.warning(
-                "S3 %s s3://%s/%s failed (attempt %d): %s; retrying in %.1f s",
-                what,
-                self.bucket,
-                key,
-                state.attempt_number,
-                describe_error(_upload_cause(exc)) if exc else "?",
-                wait_s,
-            )
-
-        return before_sleep
 
     def put(self, name: str, data: bytes, content_type: str) -> None:
         key = self.prefix + _check_name(name)
@@ -385,16 +355,26 @@ def open_output(
     """``s3://bucket/prefix`` → :class:`S3Output`; a path → :class:`FolderOutput` (created).
 
     Another URL scheme (``gs://``, ``https://``…) is refused rather than becoming a local
-    folder named ``gs:``.
+    folder named ``gs:`` (:func:`pipeline.locations.scheme_of`).
     """
-    if location[: len(SCHEME)].lower() == SCHEME:
-        return S3Output(location, endpoint_url=endpoint_url, region=region)
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location):
-        raise ValueError(
-            f"unsupported output location scheme {location.split('://', 1)[0]!r}: "
-            "give s3://bucket/prefix or a local folder"
-        )
-    return FolderOutput(location)
+    try:
+        opener = load(scheme_of(location).output)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("location scheme", "output location scheme")) from None
+    sink: FolderOutput | S3Output = opener(location, endpoint_url=endpoint_url, region=region)
+    return sink
+
+
+def open_s3_output(
+    location: str, *, endpoint_url: str | None = None, region: str | None = None, **_: object
+) -> S3Output:
+    """The S3 output of the scheme registry."""
+    return S3Output(location, endpoint_url=endpoint_url, region=region)
+
+
+def open_folder_output(location: str, **_: object) -> FolderOutput:
+    """The folder output of the scheme registry."""
+    return FolderOutput(location.removeprefix("file://"))
 
 
 # -- writing a batch ---------------------------------------------------------------------------

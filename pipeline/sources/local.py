@@ -194,7 +194,12 @@ class LocalSource:
             raise SourceError(f"cannot read {key}: {exc.strerror or type(exc).__name__}") from None
 
 
-def read_uri(uri: str) -> bytes:
+def open_location(location: str, *, follow_symlinks: bool = False, **_: object) -> LocalSource:
+    """The folder source of the scheme registry (:mod:`pipeline.locations`)."""
+    return LocalSource(location.removeprefix("file://"), follow_symlinks=follow_symlinks)
+
+
+def read_uri(uri: str, **_: object) -> bytes:
     """The bytes behind a file:// URI (what items store), its path taken byte for byte."""
     from urllib.parse import unquote_to_bytes, urlparse
 

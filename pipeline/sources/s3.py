@@ -28,66 +28,26 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-import boto3
 import botocore.exceptions as bexc
-from botocore.config import Config
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
+from pipeline.s3 import (
+    SCHEME,
+    S3Retry,
+    describe_error,
+    error_code,
+    http_status,
+    make_s3_client,
+    parse_s3_uri,
+)
 from pipeline.sources.base import SourceError, SourceRef
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEME = "s3://"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 # SigV4 presigned URLs cannot outlive 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
-
-# Error codes S3 and compatible stores use for "slow down" and "try again"; HTTP 429 and 5xx
-# are transient whatever their code says.
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "PriorRequestNotComplete",
-        "InternalError",
-        "ServiceUnavailable",
-        "OperationAborted",
-    }
-)
-# Whatever status they come with, these are never worth another attempt.
-_FATAL_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AllAccessDisabled",
-        "NoSuchBucket",
-        "NoSuchKey",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
-        "InvalidBucketName",
-        "PermanentRedirect",
-        "AuthorizationHeaderMalformed",
-    }
-)
 
 
 class ObjectNotFound(SourceError):
@@ -96,105 +56,6 @@ class ObjectNotFound(SourceError):
 
 class ObjectTooLarge(SourceError):
     """The object is bigger than the source's ``max_bytes``; it was not downloaded."""
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` → ``("bucket", "some/prefix/")``.
-
-    The prefix is returned as a folder (with a trailing ``/``), or ``""`` for the whole bucket.
-    Plain string handling rather than ``urllib.parse``: keys may legitimately contain ``%``,
-    ``?`` or ``#``, which URL parsing would decode or cut off.
-    """
-    if not isinstance(uri, str) or uri[: len(SCHEME)].lower() != SCHEME:
-        scheme = uri.split("://", 1)[0] + "://" if isinstance(uri, str) and "://" in uri else uri
-        raise ValueError(f"not an S3 URI (expected s3://bucket/prefix): {scheme!r}")
-    rest = uri[len(SCHEME) :]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise ValueError("S3 URI has no bucket name (expected s3://bucket/prefix)")
-    if any(ch.isspace() for ch in bucket) or any(ch in bucket for ch in "?#%"):
-        raise ValueError(f"invalid S3 bucket name: {bucket!r}")
-    prefix = prefix.lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return bucket, prefix
-
-
-def make_s3_client(
-    *,
-    endpoint_url: str | None = None,
-    region: str | None = None,
-    max_attempts: int = 5,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
-    max_pool_connections: int = 10,
-) -> Any:
-    """A boto3 S3 client on the standard credential chain.
-
-    With an ``endpoint_url`` (MinIO, SeaweedFS, Ceph…) path-style addressing is used: those
-    stores rarely have the wildcard DNS that virtual-hosted buckets need. SigV4 everywhere,
-    including presigned URLs (botocore would otherwise presign some with the retired SigV2).
-    """
-    s3_options: dict[str, Any] = {"addressing_style": "path"} if endpoint_url else {}
-    config = Config(
-        # botocore's max_attempts counts retries, not requests: 5 means up to 6 requests.
-        retries={"max_attempts": max_attempts, "mode": "standard"},
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        max_pool_connections=max_pool_connections,
-        signature_version="s3v4",
-        s3=s3_options,
-    )
-    # A session of our own: boto3's default session is shared module state, not thread-safe.
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
-
-
-def _error_code(exc: bexc.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "") or "")
-
-
-def _http_status(exc: bexc.ClientError) -> int:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return int(status) if isinstance(status, int) else 0
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth another attempt: throttling, 5xx, timeouts, dropped connections, short reads."""
-    if isinstance(exc, bexc.ClientError):
-        code = _error_code(exc)
-        if code in _FATAL_CODES:
-            return False
-        if code in _TRANSIENT_CODES:
-            return True
-        status = _http_status(exc)
-        return status == 429 or status >= 500
-    if isinstance(exc, bexc.SSLError):
-        return False  # a certificate problem does not fix itself
-    return isinstance(
-        exc,
-        bexc.ConnectionError  # refused, connect timeout, endpoint unreachable
-        | bexc.HTTPClientError  # read timeout, connection closed, body stream broken
-        | bexc.IncompleteReadError,  # body shorter than Content-Length
-    )
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short, credential-free description: the error code and the server's message.
-
-    ``str(ClientError)`` is already credential-free, but some stores echo request details in
-    extra fields (``StringToSign``, ``AWSAccessKeyId``); only ``Code`` and ``Message`` are used.
-    """
-    if isinstance(exc, bexc.ClientError):
-        error = exc.response.get("Error", {})
-        code = error.get("Code") or f"HTTP {_http_status(exc)}"
-        message = error.get("Message") or ""
-        return f"{code}: {message}" if message else str(code)
-    if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
-        return "no usable AWS credentials (environment, profile or instance role)"
-    if isinstance(exc, bexc.BotoCoreError):
-        return f"{type(exc).__name__}: {exc}"
-    return type(exc).__name__
 
 
 class S3Source:
@@ -225,17 +86,12 @@ class S3Source:
             raise ValueError("page_size must be between 1 and 1000 (the S3 maximum)")
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be positive (or None for no limit)")
-        if retry_attempts < 1:
-            raise ValueError("retry_attempts must be at least 1")
+        self._retry = S3Retry(retry_attempts, retry_wait, retry_max_wait, retry_deadline)
         self.endpoint_url = endpoint_url
         self.region = region
         self.page_size = page_size
         self.max_bytes = max_bytes
         self.skip_hidden = skip_hidden
-        self._retry_attempts = retry_attempts
-        self._retry_wait = retry_wait
-        self._retry_max_wait = retry_max_wait
-        self._retry_deadline = retry_deadline
         self._given_client = client
         self._client: Any = None
         self._client_pid = 0
@@ -290,35 +146,7 @@ class S3Source:
     # -- retries ------------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with bounded, jittered exponential backoff on transient errors only.
-
-        botocore already retries each request (standard mode); this outer layer rides out
-        longer outages (a store restarting, sustained throttling) with longer waits, and is
-        where the stop condition is bounded by both attempts and elapsed time.
-        """
-        retrying = Retrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_random_exponential(multiplier=self._retry_wait, max=self._retry_max_wait),
-            stop=stop_after_attempt(self._retry_attempts) | stop_after_delay(self._retry_deadline),
-            before_sleep=self._log_retry(what),
-            reraise=True,
-        )
-        return retrying(fn)
-
-    @staticmethod
-    def _log_retry(what: str) -> Callable[[RetryCallState], None]:
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            wait = state.next_action.sleep if state.next_action else 0.0
-            log.warning(
-                "S3 %s failed (attempt %d): %s; retrying in %.1f s",
-                what,
-                state.attempt_number,
-                describe_error(exc) if exc else "?",
-                wait,
-            )
-
-        return before_sleep
+        return self._retry.call(what, fn)
 
     # -- listing ------------------------------------------------------------------------------
 
@@ -401,7 +229,7 @@ class S3Source:
                     Bucket=self.bucket, Key=full, Range=f"bytes=0-{n - 1}"
                 )
             except bexc.ClientError as exc:
-                if _error_code(exc) == "InvalidRange":  # an empty object has no byte 0
+                if error_code(exc) == "InvalidRange":  # an empty object has no byte 0
                     return b""
                 raise
             body = response["Body"]
@@ -418,10 +246,8 @@ class S3Source:
         except SourceError:
             raise
         except bexc.ClientError as exc:
-            code = _error_code(exc)
-            if code in ("NoSuchKey", "404") or (
-                _http_status(exc) == 404 and code != "NoSuchBucket"
-            ):
+            code = error_code(exc)
+            if code in ("NoSuchKey", "404") or (http_status(exc) == 404 and code != "NoSuchBucket"):
                 raise ObjectNotFound(f"object not found: {where}") from exc
             raise SourceError(f"cannot read {where}: {describe_error(exc)}") from exc
         except Exception as exc:
@@ -473,6 +299,11 @@ class S3Source:
 
 _readers: dict[tuple[str, str | None], S3Source] = {}
 _readers_lock = threading.Lock()
+
+
+def open_location(location: str, *, endpoint_url: str | None = None, **_: object) -> S3Source:
+    """The S3 source of the scheme registry (:mod:`pipeline.locations`)."""
+    return S3Source(location, endpoint_url=endpoint_url)
 
 
 def _object(uri: str, endpoint_url: str | None) -> tuple[S3Source, str]:

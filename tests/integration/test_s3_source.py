@@ -18,13 +18,8 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from pipeline.sources.base import SourceError
-from pipeline.sources.s3 import (
-    ObjectNotFound,
-    ObjectTooLarge,
-    S3Source,
-    is_transient,
-    parse_s3_uri,
-)
+from pipeline.s3 import is_transient, parse_s3_uri
+from pipeline.sources.s3 import ObjectNotFound, ObjectTooLarge, S3Source
 from tests.s3server import (  # noqa: F401 - the fixtures register on import
     DUMMY_ACCESS_KEY,
     DUMMY_SECRET_KEY,
