@@ -55,7 +55,7 @@ class Baseline:
         import re
         from types import SimpleNamespace
 
-        from pipeline.domain.validation import parse_date, parse_valid_period
+        from pipeline.domain.checks import parse_date, parse_valid_period
 
         res, _ = self._ocr(payload.data)
         text = "".join(t for _, t, _ in res or []).replace(" ", "")
@@ -92,7 +92,7 @@ def _init(baseline: bool = False) -> None:
 def _one(job: tuple[int, bool]) -> dict[str, Any]:
     seed, hard = job
     from pipeline.domain.images import ImageRejected, prepare
-    from pipeline.domain.validation import check_fields
+    from pipeline.domain.checks import check_fields
     from pipeline.providers.base import ImagePayload
 
     data, truth = make_sample(seed, hard=hard)

@@ -23,7 +23,7 @@ import random
 from collections.abc import Mapping
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from pipeline.domain.validation import age_on, expected_period_years
+from pipeline.domain.checks import age_on, expected_period_years
 
 __all__ = [
     "BACK_FIELDS",

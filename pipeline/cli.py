@@ -936,7 +936,7 @@ def health() -> None:
 
 def _one_line(exc: BaseException) -> str:
     """The first line of an error from a library, ID numbers masked."""
-    from pipeline.domain.validation import redact_text
+    from pipeline.domain.masking import redact_text
 
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return redact_text(text[0] if text else type(exc).__name__)
@@ -949,7 +949,7 @@ def main() -> None:
     from botocore.exceptions import BotoCoreError, ClientError
     from sqlalchemy.exc import OperationalError
 
-    from pipeline.domain.validation import redact_text
+    from pipeline.domain.masking import redact_text
 
     try:
         code = cli.main(standalone_mode=False)

@@ -1,7 +1,7 @@
 """Logging for every idocr process: plain text for a terminal, one JSON object per line for a
 log collector (``--log-format json`` or ``IDOCR_LOG_FORMAT=json``).
 
-PII never reaches a handler unmasked: :class:`pipeline.domain.validation.PIIFilter` redacts ID
+PII never reaches a handler unmasked: :class:`pipeline.domain.masking.PIIFilter` redacts ID
 numbers
 from the message and the traceback, and the JSON formatter masks the structured fields too
 (``extra={"name": …, "id_number": …}`` by their maskers, any other string by the ID-number
@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from pipeline.domain.validation import PIIFilter, mask_fields, redact_text
+from pipeline.domain.masking import PIIFilter, mask_fields, redact_text
 
 __all__ = ["LOG_FORMATS", "MaskingJsonFormatter", "configure_logging", "mask_structured"]
 

@@ -79,7 +79,7 @@ if not _pool_given(sys.argv):
 @signals.after_setup_task_logger.connect
 def _mask_pii(logger: logging.Logger, **_: object) -> None:
     # ID numbers can reach a log line through a file name or a provider message
-    from pipeline.domain.validation import PIIFilter
+    from pipeline.domain.masking import PIIFilter
 
     for handler in logger.handlers:
         handler.addFilter(PIIFilter())

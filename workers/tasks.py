@@ -59,7 +59,7 @@ def _warm_up(**_: object) -> None:
 
         from PIL import Image
 
-        from pipeline.domain.validation import check_fields
+        from pipeline.domain.checks import check_fields
 
         Image.init()
         check_fields("front", {"id_number": "11010519491231002X"}, today=date.today())

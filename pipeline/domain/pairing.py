@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.domain.validation import check_pair
+from pipeline.domain.checks import check_pair
 
 __all__ = ["PAIR_CHECK", "SideRecord", "pair_checks", "pair_key"]
 

@@ -21,7 +21,7 @@ one regular expression over the joined text:
 
 Nothing is ever filled in from another field (no birth date or gender from the ID number, no
 check-digit repair): a value is what the image shows, and disagreements are left to the checks
-(:func:`pipeline.domain.validation.check_fields`). Each field's confidence is the lowest recognition
+(:func:`pipeline.domain.checks.check_fields`). Each field's confidence is the lowest recognition
 score among the boxes its characters came from.
 """
 

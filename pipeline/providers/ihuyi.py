@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from pipeline.domain.validation import parse_date, parse_valid_period
+from pipeline.domain.checks import parse_date, parse_valid_period
 from pipeline.providers.base import (
     BalanceError,
     ImagePayload,

@@ -53,7 +53,7 @@ from typing import Any
 
 import httpx
 
-from pipeline.domain.validation import LONG_TERM, parse_date, parse_valid_period
+from pipeline.domain.checks import LONG_TERM, parse_date, parse_valid_period
 from pipeline.providers.base import ImagePayload, Outcome, ProviderResult
 from pipeline.providers.http import encode_form, make_client, post_form
 

@@ -45,8 +45,8 @@ from pipeline.coordination.gate import PauseSignal
 from pipeline.coordination.heartbeat import Heartbeat
 from pipeline.coordination.journal import AnswerJournal, Entry, SentMarks
 from pipeline.coordination.resilience import OutageTooLong, is_infra_error, outlast
+from pipeline.domain.checks import check_fields
 from pipeline.domain.images import ImageLimits, ImageRejected, prepare, sniff
-from pipeline.domain.validation import check_fields
 from pipeline.providers.base import ImagePayload, Outcome, Provider, ProviderResult
 from pipeline.sources import read_uri
 from pipeline.sources.base import SourceError

@@ -15,7 +15,7 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Settings
-from pipeline.domain.validation import redact_text
+from pipeline.domain.masking import redact_text
 from pipeline.outputs.records import utc_iso
 from pipeline.storage.models import FINAL_STATUSES, Attempt, Batch, Item
 

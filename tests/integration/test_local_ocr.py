@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pipeline.domain.images import prepare
-from pipeline.domain.validation import check_fields
+from pipeline.domain.checks import check_fields
 from pipeline.providers.base import ImagePayload, Outcome
 from tests.conftest import EXAMPLES
 

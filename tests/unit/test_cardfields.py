@@ -7,7 +7,7 @@ import datetime
 
 import pytest
 
-from pipeline.domain.validation import check_fields
+from pipeline.domain.checks import check_fields
 from pipeline.providers.cardfields import ETHNICITIES, TextBox, clean_period, extract
 
 # A card of 856 x 540 in the upright frame; rows 40 px apart.

@@ -12,14 +12,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from stdnum.cn import ric
 
-from pipeline.domain.validation import (
-    PIIFilter,
-    is_id_number,
-    mask_file_name,
-    mask_id_number,
-    redact_personal_text,
-    redact_text,
-)
+from pipeline.domain.masking import PIIFilter, is_id_number, mask_file_name, mask_id_number, redact_personal_text, redact_text
 
 PROVINCES = ["11", "12", "31", "44", "51", "65", "71", "81", "82"]
 

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.domain.validation: field checks, period rules, parsing and PII masking."""
+"""Unit tests for pipeline.domain.checks: field checks, period rules, parsing and PII masking."""
 
 from __future__ import annotations
 
@@ -8,19 +8,8 @@ import logging
 import pytest
 from stdnum.cn import ric
 
-from pipeline.domain.validation import (
-    LONG_TERM,
-    PIIFilter,
-    check_fields,
-    check_pair,
-    mask_address,
-    mask_fields,
-    mask_id_number,
-    mask_name,
-    parse_date,
-    parse_valid_period,
-    redact_text,
-)
+from pipeline.domain.checks import LONG_TERM, check_fields, check_pair, parse_date, parse_valid_period
+from pipeline.domain.masking import PIIFilter, mask_address, mask_fields, mask_id_number, mask_name, redact_text
 
 TODAY = datetime.date(2025, 6, 1)
 
