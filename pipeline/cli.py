@@ -10,12 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,8 +21,44 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline.config import ConfigError, Settings, get_settings, settings_error_message
+from pipeline.config import (
+    SANDBOX_ACCOUNT,
+    SANDBOX_KEY,
+    ConfigError,
+    Settings,
+    get_settings,
+    provider_identity,
+    settings_error_message,
+)
+from pipeline.domain.masking import redact_text
+from pipeline.locations import scheme_of
+from pipeline.logs import configure_logging
+from pipeline.metrics import build_registry, serve
+from pipeline.outputs.files import OutputError, open_output, write_batch_output
+from pipeline.outputs.records import records, write_csv, write_jsonl
+from pipeline.queue import load_queue
+from pipeline.runtime import build_provider, build_reconciler
+from pipeline.sources import open_source
 from pipeline.sources.base import SourceError
+from pipeline.storage import repo
+from pipeline.storage.db import (
+    current_revision,
+    engine_for,
+    ensure_schema,
+    head_revision,
+    unit_of_work,
+)
+from pipeline.storage.models import Batch
+from pipeline.workflows import control, producer
+from pipeline.workflows.local import local_services, local_workers, start_sandbox, worker_command
+from pipeline.workflows.producer import new_batch_id
+from pipeline.workflows.status import (
+    RATE_WINDOW,
+    NoSuchBatch,
+    collect,
+    format_duration,
+    latest_batch_id,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
@@ -37,7 +69,6 @@ log = logging.getLogger("idocr")
 
 
 def _setup_logging(verbose: int, log_format: str = "text") -> None:
-    from pipeline.logs import configure_logging
 
     configure_logging(verbose, log_format)
 
@@ -50,7 +81,6 @@ def _settings() -> Settings:
 
 
 def _schema(settings: Settings) -> None:
-    from pipeline.storage.db import ensure_schema
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_schema(settings.resolved_database_url)
@@ -81,50 +111,7 @@ def cli(verbose: int, log_format: str) -> None:
 # -- the local runtime of `idocr run` ----------------------------------------------------------
 
 
-@contextmanager
-def local_services(settings: Settings) -> Iterator[Settings]:
-    """Embedded Redis and sandbox as needed; yields settings that name them (and hand them to
-    child processes through :func:`child_env`). This process's environment is left alone."""
-    from pipeline.coordination.redisconn import redis_url
-
-    update: dict[str, object] = {
-        "data_dir": settings.data_dir.resolve(),
-        "database_url": settings.resolved_database_url,
-        "redis_url": redis_url(settings),  # starts the embedded Redis if there is none
-    }
-    sandbox = None
-    if settings.resolved_provider == "sandbox" and not settings.sandbox_url:
-        from pipeline.runtime import start_sandbox
-
-        sandbox = start_sandbox(settings)
-        update["sandbox_url"] = sandbox.url
-    try:
-        yield settings.model_copy(update=update)
-    finally:
-        if sandbox is not None:
-            sandbox.stop()
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    """The environment of a child process (a local worker) that must use the same services:
-    this process's environment plus what :func:`local_services` started, passed explicitly."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "IDOCR_DATA_DIR": str(settings.data_dir),
-            "IDOCR_DATABASE_URL": settings.resolved_database_url,
-            "IDOCR_PROVIDER": settings.resolved_provider,
-        }
-    )
-    if settings.redis_url:
-        env["IDOCR_REDIS_URL"] = settings.redis_url
-    if settings.sandbox_url:
-        env["IDOCR_SANDBOX_URL"] = settings.sandbox_url
-    return env
-
-
 def _scheme_presign(location: str) -> str | None:
-    from pipeline.locations import scheme_of
 
     try:
         return scheme_of(location).presign
@@ -141,8 +128,6 @@ def _prepare_scan(
     """The source (or a clear error), a migrated schema, and the batch id to use. Everything
     that can be refused is refused here, before anything is scanned or a batch created.
     ``via`` defaults to the running command's ``--via``; an existing batch keeps its own."""
-    from pipeline.sources import open_source
-    from pipeline.workflows.producer import new_batch_id
 
     explicit = via is not None
     ctx = click.get_current_context(silent=True)
@@ -175,65 +160,12 @@ def _prepare_scan(
 
 def _batch_via(settings: Settings, batch_id: str) -> str | None:
     """How an existing batch sends its images (None: no such batch yet)."""
-    from pipeline.storage.db import current_revision, head_revision, unit_of_work
-    from pipeline.storage.models import Batch
 
     if current_revision(settings.resolved_database_url) != head_revision():
         return None  # a new (or not yet migrated) database: no batch to go on with
     with unit_of_work(settings.resolved_database_url, read_only=True) as s:
         batch = s.get(Batch, batch_id)
         return None if batch is None else batch.via
-
-
-def worker_command(
-    settings: Settings, concurrency: int, name: str, beat: bool = False
-) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "-Q",
-        f"{settings.queue},{settings.queue}.control",
-        "-c",
-        str(concurrency),
-        "-n",
-        name,
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    if beat:
-        cmd += ["-B", "-s", str((settings.data_dir / "celerybeat-schedule").resolve())]
-    return cmd
-
-
-@contextmanager
-def local_workers(settings: Settings, concurrency: int) -> Iterator[subprocess.Popen[bytes]]:
-    logdir = settings.data_dir / "logs"
-    logdir.mkdir(parents=True, exist_ok=True)
-    logfile = (logdir / "worker.log").open("ab")
-    cmd = worker_command(settings, concurrency, f"idocr-run-{os.getpid()}@%h")
-    cmd += ["--loglevel", "INFO"]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=logfile,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=child_env(settings),
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # warm shutdown: running tasks finish first
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        logfile.close()
 
 
 def _progress() -> Progress:
@@ -250,8 +182,6 @@ def _progress() -> Progress:
 
 
 def print_summary(settings: Settings, batch_id: str) -> None:
-    from pipeline.storage import repo
-    from pipeline.storage.db import unit_of_work
 
     with unit_of_work(settings.resolved_database_url, read_only=True) as s:
         codes = repo.code_counts(s, batch_id)
@@ -296,8 +226,6 @@ def _requeue_batch(
     """After scanning into an existing batch: items an earlier run left waiting get a message
     again (a duplicate message is harmless: the claim is a compare-and-set), and on request
     failed ones are queued again."""
-    from pipeline.queue import load_queue
-    from pipeline.workflows import producer
 
     enqueue_items = load_queue(settings).enqueue
     url = settings.resolved_database_url
@@ -358,9 +286,6 @@ def run(
 
     On the embedded default this starts Redis itself (and the sandbox, when it is the provider).
     """
-    from pipeline.queue import load_queue
-    from pipeline.runtime import build_provider
-    from pipeline.workflows import control, producer
 
     settings = _settings()
     src, batch_id = _prepare_scan(settings, source, batch_id)
@@ -429,10 +354,6 @@ def _wait(
     timeout: float | None,
 ) -> int:
     """Until every item of the batch is final (0), or there is a reason to stop (3)."""
-    from pipeline.runtime import build_reconciler
-    from pipeline.storage import repo
-    from pipeline.storage.db import unit_of_work
-    from pipeline.workflows import control
 
     url = settings.resolved_database_url
     last_balance = 0.0
@@ -497,8 +418,6 @@ def scan(
     source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool
 ) -> None:
     """Scan SOURCE and enqueue its items for workers started elsewhere; prints the batch id."""
-    from pipeline.queue import load_queue
-    from pipeline.workflows import producer
 
     settings = _settings()
     src, batch_id = _prepare_scan(settings, source, batch_id)
@@ -566,9 +485,6 @@ def status(batch_id: str | None, as_json: bool, watch: float | None) -> None:
     the limit, an ETA, the pause state and the quota left; on stdout."""
     import json
 
-    from pipeline.storage.db import unit_of_work
-    from pipeline.workflows.status import NoSuchBatch, collect
-
     settings = _settings()
     _schema(settings)
     if watch is not None and watch <= 0:
@@ -613,8 +529,6 @@ def _status_view(st):
     """The human rendering of a BatchStatus: a few lines and the table by status and code."""
     from rich.console import Group
     from rich.text import Text
-
-    from pipeline.workflows.status import RATE_WINDOW, format_duration
 
     lines = [Text(f"provider: {st.provider} (account {st.account})")]
     if st.pause is not None:
@@ -689,12 +603,6 @@ def export(
     product: it carries the recognised fields unmasked; keep it where ID data may be kept."""
     from functools import partial
 
-    from pipeline.outputs.records import records, write_csv, write_jsonl
-    from pipeline.storage import repo
-    from pipeline.storage.db import unit_of_work
-    from pipeline.storage.models import Batch
-    from pipeline.workflows.status import latest_batch_id
-
     if excel:
         ctx = click.get_current_context()
         if fmt != "csv" and ctx.get_parameter_source("fmt") != ParameterSource.DEFAULT:
@@ -728,8 +636,6 @@ def export(
 
 
 def _write_output(settings: Settings, batch_id: str, location: str) -> None:
-    from pipeline.outputs.files import OutputError, open_output, write_batch_output
-    from pipeline.storage.db import unit_of_work
 
     try:
         sink = open_output(location, endpoint_url=settings.s3_endpoint_url)
@@ -746,9 +652,6 @@ def _write_output(settings: Settings, batch_id: str, location: str) -> None:
 @cli.command()
 def balance() -> None:
     """Query the provider's remaining quota (ihuyi GetNum), record it, pause or resume on it."""
-    from pipeline.queue import load_queue
-    from pipeline.runtime import build_provider
-    from pipeline.workflows import control
 
     settings = _settings()
     _schema(settings)
@@ -773,9 +676,6 @@ def balance() -> None:
 @click.option("--reason", default="paused by the operator", show_default=True)
 def pause(reason: str) -> None:
     """Pause submissions to the configured provider account (nothing is failed)."""
-    from pipeline.queue import load_queue
-    from pipeline.runtime import provider_identity
-    from pipeline.workflows import control
 
     settings = _settings()
     _schema(settings)
@@ -794,9 +694,6 @@ def pause(reason: str) -> None:
 @cli.command()
 def resume() -> None:
     """Resume submissions and re-enqueue the items the pause held back."""
-    from pipeline.queue import load_queue
-    from pipeline.runtime import provider_identity
-    from pipeline.workflows import control
 
     settings = _settings()
     _schema(settings)
@@ -835,7 +732,6 @@ def sandbox(
     faults: str | None,
 ) -> None:
     """Run the local emulator of the providers' APIs (ihuyi and showapi protocols)."""
-    from pipeline.runtime import SANDBOX_ACCOUNT, SANDBOX_KEY, start_sandbox
 
     settings = _settings()
     update: dict[str, object] = {}
@@ -867,7 +763,6 @@ def sandbox(
 @cli.command()
 def migrate() -> None:
     """Bring the database schema up to date (Alembic upgrade head)."""
-    from pipeline.storage.db import current_revision, head_revision
 
     settings = _settings()
     url = settings.resolved_database_url
@@ -890,7 +785,6 @@ def metrics(host: str, port: int) -> None:
     """Serve Prometheus metrics on http://HOST:PORT/metrics: the workers' counters on this host
     (PROMETHEUS_MULTIPROC_DIR) and the state of the work (items by status, queue depth, quota,
     pause), computed from SQL and Redis at each scrape."""
-    from pipeline.metrics import build_registry, serve
 
     settings = _settings()
     _schema(settings)
@@ -915,8 +809,6 @@ def health() -> None:
     import redis
     from sqlalchemy import text
 
-    from pipeline.storage.db import current_revision, engine_for, head_revision
-
     settings = _settings()
     url = settings.resolved_database_url
     with engine_for(url).connect() as conn:
@@ -936,7 +828,6 @@ def health() -> None:
 
 def _one_line(exc: BaseException) -> str:
     """The first line of an error from a library, ID numbers masked."""
-    from pipeline.domain.masking import redact_text
 
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return redact_text(text[0] if text else type(exc).__name__)
@@ -948,8 +839,6 @@ def main() -> None:
     import redis
     from botocore.exceptions import BotoCoreError, ClientError
     from sqlalchemy.exc import OperationalError
-
-    from pipeline.domain.masking import redact_text
 
     try:
         code = cli.main(standalone_mode=False)

@@ -10,6 +10,7 @@ so a key never ends up in a file that gets committed or copied around.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from functools import lru_cache
@@ -27,6 +28,11 @@ from pydantic_settings import (
 SECRET_FIELDS = frozenset({"ihuyi_api_key", "showapi_app_key"})
 
 ProviderName = Literal["local", "sandbox", "ihuyi", "showapi"]
+
+
+SANDBOX_ACCOUNT = "sandbox"
+LOCAL_ACCOUNT = "local"  # the local engine has no account; pauses are still kept per account
+SANDBOX_KEY = "sandbox-key"  # not a secret: the local emulator's fixed credentials
 
 
 class ConfigError(ValueError):
@@ -338,3 +344,18 @@ def get_settings() -> Settings:
 def reset_settings() -> None:
     """Forget the cached settings (after the environment changed: tests, the CLI)."""
     get_settings.cache_clear()
+
+
+def provider_identity(settings: Settings, name: str | None = None) -> tuple[str, str]:
+    """(provider, account) as pauses, the limiter and the ledger key them, without a client
+    (default: the first provider of the chain)."""
+    name = name or settings.resolved_provider
+    if name == "local":
+        return name, LOCAL_ACCOUNT
+    if name == "sandbox":
+        return name, SANDBOX_ACCOUNT
+    if name == "ihuyi":
+        return name, settings.ihuyi_account or ""
+    key = settings.showapi_app_key.get_secret_value() if settings.showapi_app_key else ""
+    # showapi has no account name apart from the key: a digest names it without revealing it
+    return name, "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]

@@ -193,7 +193,7 @@ class StateCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Any]:
-        from pipeline.runtime import provider_identity
+        from pipeline.config import provider_identity
 
         provider, account = provider_identity(self.settings)
         limit = GaugeMetricFamily(
@@ -209,7 +209,7 @@ class StateCollector(Collector):
         yield up
 
     def _sql(self, up: GaugeMetricFamily) -> Iterator[Any]:
-        from pipeline.runtime import provider_identity
+        from pipeline.config import provider_identity
         from pipeline.storage import repo
         from pipeline.storage.db import unit_of_work
         from pipeline.workflows.status import recent_batch_ids
@@ -253,8 +253,8 @@ class StateCollector(Collector):
             return  # an embedded Redis is not started just to be measured
         import redis
 
+        from pipeline.config import provider_identity
         from pipeline.coordination.quota import QuotaLedger
-        from pipeline.runtime import provider_identity
 
         provider, account = provider_identity(self.settings)
         queue = self.settings.queue

@@ -4,65 +4,41 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 
-from pipeline.config import ConfigError, Settings
+from pipeline.config import (
+    SANDBOX_ACCOUNT,
+    SANDBOX_KEY,
+    ConfigError,
+    Settings,
+    provider_identity,
+)
 from pipeline.coordination.dedupe import ContentClaims
 from pipeline.coordination.gate import PauseSignal
 from pipeline.coordination.heartbeat import Heartbeat
 from pipeline.coordination.journal import AnswerJournal, SentMarks
 from pipeline.coordination.quota import QuotaExhausted, QuotaLedger
-from pipeline.coordination.ratelimit import RateLimiter, rate_key
+from pipeline.coordination.ratelimit import provider_limiter
 from pipeline.coordination.redisconn import redis_client
 from pipeline.domain.images import ImageLimits
 from pipeline.providers.base import Provider
 from pipeline.providers.ihuyi import IhuyiClient
 from pipeline.queue import WorkQueue
 from pipeline.sources import head_uri, presign_uri, read_uri
+from pipeline.workflows.local import start_sandbox
 from pipeline.workflows.processing import Processor, RetryPolicy
 from pipeline.workflows.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
-SANDBOX_ACCOUNT = "sandbox"
-LOCAL_ACCOUNT = "local"  # the local engine has no account; pauses are still kept per account
-SANDBOX_KEY = "sandbox-key"  # not a secret: the local emulator's fixed credentials
-#: the shipped examples' ground truth, used by the sandbox when no truth file is configured
-EXAMPLES_TRUTH = Path(__file__).resolve().parent.parent / "examples" / "truth.json"
 
 _lock = threading.Lock()
 _sandbox = None
-
-
-def sandbox_truth_paths(settings: Settings) -> list[Path]:
-    if settings.sandbox_truth:
-        return list(settings.sandbox_truth)
-    return [EXAMPLES_TRUTH] if EXAMPLES_TRUTH.is_file() else []
-
-
-def start_sandbox(settings: Settings, host: str = "127.0.0.1", port: int = 0):
-    """A sandbox server in a thread of this process."""
-    from idocr_sandbox.server import FaultPlan, SandboxConfig, SandboxServer
-    from idocr_sandbox.truth import TruthIndex
-
-    truth = TruthIndex.load(*sandbox_truth_paths(settings))
-    config = SandboxConfig(
-        ihuyi_account=SANDBOX_ACCOUNT,
-        ihuyi_api_key=SANDBOX_KEY,
-        quota=settings.sandbox_quota,
-        latency=settings.sandbox_latency,
-        faults=FaultPlan.parse(settings.sandbox_faults) if settings.sandbox_faults else FaultPlan(),
-    )
-    server = SandboxServer(truth, config, host=host, port=port)
-    server.start()
-    return server
 
 
 def _sandbox_url(settings: Settings) -> str:
@@ -116,21 +92,6 @@ def build_provider(settings: Settings, name: str | None = None) -> Provider:
     raise ConfigError(f"unknown provider {name!r}")
 
 
-def provider_identity(settings: Settings, name: str | None = None) -> tuple[str, str]:
-    """(provider, account) as pauses, the limiter and the ledger key them, without a client
-    (default: the first provider of the chain)."""
-    name = name or settings.resolved_provider
-    if name == "local":
-        return name, LOCAL_ACCOUNT
-    if name == "sandbox":
-        return name, SANDBOX_ACCOUNT
-    if name == "ihuyi":
-        return name, settings.ihuyi_account or ""
-    key = settings.showapi_app_key.get_secret_value() if settings.showapi_app_key else ""
-    # showapi has no account name apart from the key: a digest names it without revealing it
-    return name, "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
 #: showapi asks for images under 1.5 MB (seed 003); ihuyi allows 8 MB after base64 + urlencoding
 SHOWAPI_MAX_PAYLOAD = 1_500_000
 
@@ -145,18 +106,6 @@ def image_limits(settings: Settings) -> ImageLimits:
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def provider_limiter(settings: Settings, provider: Provider) -> RateLimiter:
-    """The one rate limiter of a provider account: submissions and balance queries share it."""
-    return RateLimiter(
-        redis_client(settings),
-        rate_key(provider.name, provider.account),
-        settings.rate_limit,
-        settings.rate_burst,
-        margin=settings.rate_margin,
-        start_margin=settings.rate_start_margin,
-    )
 
 
 def build_processor(

@@ -69,8 +69,18 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import redis
+
+from pipeline.config import Settings
+from pipeline.coordination.redisconn import redis_client
+
+
+class ProviderLike(Protocol):
+    name: str
+    account: str
+
 
 __all__ = ["DEFAULT_MAX_WAIT", "RateLimitTimeout", "RateLimiter", "rate_key"]
 
@@ -242,3 +252,15 @@ class RateLimiter:
                 raise RateLimitTimeout(self.key, delay, left)
             # queue longer than max_wait: return when our turn falls within the cap, book then
             time.sleep(delay - horizon + random.uniform(0.0, _JITTER))
+
+
+def provider_limiter(settings: Settings, provider: ProviderLike) -> RateLimiter:
+    """The one rate limiter of a provider account: submissions and balance queries share it."""
+    return RateLimiter(
+        redis_client(settings),
+        rate_key(provider.name, provider.account),
+        settings.rate_limit,
+        settings.rate_burst,
+        margin=settings.rate_margin,
+        start_margin=settings.rate_start_margin,
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pipeline.config import Settings
 from pipeline.coordination.gate import PauseSignal
 from pipeline.coordination.quota import QuotaLedger
-from pipeline.coordination.ratelimit import RateLimiter
+from pipeline.coordination.ratelimit import RateLimiter, provider_limiter
 from pipeline.coordination.redisconn import redis_client
 from pipeline.providers.base import BalanceError, Outcome, Provider
 from pipeline.storage import repo
@@ -158,7 +158,6 @@ def _check_balance(
         low_watermark=settings.quota_low_watermark,
     )
     mark = ledger.billed_mark()  # calls committed while the query is under way are subtracted
-    from pipeline.runtime import provider_limiter
 
     limiter = provider_limiter(settings, provider)
     try:

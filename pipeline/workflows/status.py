@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from pipeline.config import Settings
+from pipeline.config import Settings, provider_identity
 from pipeline.domain.masking import redact_text
 from pipeline.outputs.records import utc_iso
 from pipeline.storage.models import FINAL_STATUSES, Attempt, Batch, Item
@@ -151,7 +151,6 @@ def collect(
     settings: Settings, session: Session, batch_id: str | None, *, live_quota: bool = True
 ) -> BatchStatus:
     """The status of ``batch_id`` (default: the latest batch with items). Raises NoSuchBatch."""
-    from pipeline.runtime import provider_identity
     from pipeline.storage import repo
 
     provider, account = provider_identity(settings)

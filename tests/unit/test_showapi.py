@@ -108,7 +108,7 @@ def test_key_with_reserved_characters_is_encoded() -> None:
 
 
 def test_account_matches_runtime_identity() -> None:
-    from pipeline.runtime import provider_identity
+    from pipeline.config import provider_identity
 
     c = ShowapiClient(KEY)
     assert c.name == "showapi"
