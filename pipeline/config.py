@@ -172,10 +172,12 @@ class Settings(BaseSettings):
     claim_lease: float = 60.0
     #: Seconds between reconciler passes (beat task, and `idocr run` itself): stale claims,
     #: items queued with no message left (a broker that lost its data), journaled answers.
-    reconcile_interval: float = 15.0
+    #: Unset (0): 15 s, or half the lease when the lease is shorter than 30 s.
+    reconcile_interval: float = 0.0
     #: The broker redelivers a message whose worker has not acknowledged it for this long; the
     #: claim makes such a redelivery harmless, the reconciler makes recovery independent of it.
-    broker_visibility_timeout: float = 3600.0
+    #: Unset (0): an hour, or the lease if that is longer.
+    broker_visibility_timeout: float = 0.0
     #: How long a task waits out a database or Redis outage (retrying with backoff) before it
     #: hands its message back; the reconciler finds the item again either way.
     infra_retry_for: float = 3600.0
@@ -254,6 +256,11 @@ class Settings(BaseSettings):
                 "IDOCR_CLAIM_LEASE must be at least 4 seconds (claims are renewed "
                 "every quarter of it)"
             )
+        # unset values follow the lease, so setting the lease alone is always coherent
+        if self.reconcile_interval == 0:
+            self.reconcile_interval = min(15.0, self.claim_lease / 2)
+        if self.broker_visibility_timeout == 0:
+            self.broker_visibility_timeout = max(3600.0, self.claim_lease)
         if not 0 < self.reconcile_interval <= self.claim_lease:
             raise ConfigError(
                 "IDOCR_RECONCILE_INTERVAL must be positive and at most "

@@ -13,7 +13,7 @@ from pipeline.config import ConfigError, Settings
     [
         ({"claim_lease": 2}, "IDOCR_CLAIM_LEASE must be at least 4"),
         ({"claim_lease": 30, "reconcile_interval": 31}, "IDOCR_RECONCILE_INTERVAL must be positive and at most"),
-        ({"reconcile_interval": 0}, "IDOCR_RECONCILE_INTERVAL"),
+        ({"reconcile_interval": -1}, "IDOCR_RECONCILE_INTERVAL"),
         ({"claim_lease": 120, "broker_visibility_timeout": 60}, "IDOCR_BROKER_VISIBILITY_TIMEOUT must be at least"),
         ({"infra_retry_for": 0}, "IDOCR_INFRA_RETRY_FOR"),
     ],
@@ -26,8 +26,15 @@ def test_incoherent_recovery_settings_are_refused(clean_env, values: dict[str, f
 def test_the_defaults_are_coherent(clean_env) -> None:  # type: ignore[no-untyped-def]
     s = Settings()
     assert s.heartbeat_interval * 4 == s.claim_lease == 60
-    assert s.reconcile_interval <= s.claim_lease <= s.broker_visibility_timeout
+    assert (s.reconcile_interval, s.broker_visibility_timeout) == (15, 3600)
     assert s.resend_unknown is False
+
+
+@pytest.mark.parametrize(("lease", "interval", "visibility"), [(10, 5, 3600), (8, 4, 3600), (7200, 15, 7200)])
+def test_unset_values_follow_a_lease_set_alone(clean_env, monkeypatch: pytest.MonkeyPatch, lease: float, interval: float, visibility: float) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("IDOCR_CLAIM_LEASE", str(lease))
+    s = Settings()
+    assert (s.reconcile_interval, s.broker_visibility_timeout) == (interval, visibility)
 
 
 @pytest.mark.parametrize(
