@@ -198,3 +198,70 @@ class BalanceReading(Base):
     account: Mapped[str] = mapped_column(String(128))
     remaining: Mapped[int] = mapped_column(BigInteger)
     taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Request(Base):
+    """Work another system handed over (intake stream, Python client, ``idocr submit``), keyed
+    by the caller's idempotency key: the same key never makes a second item or provider call."""
+
+    __tablename__ = "requests"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    #: how it came in: stream | client | cli
+    channel: Mapped[str] = mapped_column(String(16))
+    #: accepted (an item exists) | rejected (``reason`` says why; no item)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    item_id: Mapped[int | None] = mapped_column(
+        ForeignKey("items.id", ondelete="SET NULL"), index=True
+    )
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    side: Mapped[str | None] = mapped_column(String(8))
+    #: the caller's metadata, echoed back in its events
+    meta: Mapped[Any] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Event(Base):
+    """The transactional outbox: one row per event, written in the transaction of what it
+    reports, published at least once (results stream, webhooks) under its stable ``event_id``.
+
+    ``data`` holds no personal data: an item's fields are read (and decrypted) when the event is
+    published, so the outbox never keeps a plain-text copy of them."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        # the relay's look-ups: not yet on the stream; webhook deliveries due
+        Index(
+            "ix_events_unpublished",
+            "id",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+        Index(
+            "ix_events_delivery_due",
+            "next_delivery_at",
+            postgresql_where=text("delivery_state = 'pending'"),
+            sqlite_where=text("delivery_state = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(40), unique=True)
+    #: item.finished | batch.finished | request.rejected | queue.paused | queue.resumed
+    kind: Mapped[str] = mapped_column(String(32))
+    item_id: Mapped[int | None] = mapped_column(BigInteger)
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[int | None] = mapped_column(BigInteger)
+    data: Mapped[Any] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: on the results stream since
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: webhook delivery: none (no webhook configured when it was written) | pending | delivered
+    #: | dead (retries ran out)
+    delivery_state: Mapped[str] = mapped_column(String(16), default="none")
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_delivery_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
