@@ -1,0 +1,160 @@
+"""The transactional outbox: events written in the transaction of what they report.
+
+:func:`emit` inserts one ``events`` row in the caller's session (it never commits: the unit of
+work around it does) and returns the event's stable id. :mod:`pipeline.workflows.relay` publishes
+the rows later, at least once, under that id (the results stream, the result keys of requests
+and the optional webhook).
+
+``data`` never holds personal data: ids, statuses, codes, the provider's ``ocrid``, a batch name.
+An item's recognised fields are read (and decrypted) when its event is published, so the outbox
+keeps no plain-text copy of them.
+
+Whether a webhook delivery is owed is decided when the row is written: ``delivery_state`` is
+``pending`` when a webhook is configured then, else ``none``. Callers say so with ``webhook=``
+or through an :class:`Outbox` built from the settings (no global state).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Integer, String, insert, literal, select
+from sqlalchemy.orm import Session
+
+from pipeline.storage.models import Event, Item, JsonType, utcnow
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
+
+ITEM_FINISHED = "item.finished"
+BATCH_FINISHED = "batch.finished"
+REQUEST_REJECTED = "request.rejected"
+QUEUE_PAUSED = "queue.paused"
+QUEUE_RESUMED = "queue.resumed"
+KINDS = (ITEM_FINISHED, BATCH_FINISHED, REQUEST_REJECTED, QUEUE_PAUSED, QUEUE_RESUMED)
+
+#: delivery_state values
+NO_DELIVERY = "none"
+PENDING = "pending"
+DELIVERED = "delivered"
+DEAD = "dead"
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def emit(
+    session: Session,
+    kind: str,
+    *,
+    item_id: int | None = None,
+    batch_id: str | None = None,
+    request_id: int | None = None,
+    data: dict[str, Any] | None = None,
+    webhook: bool = False,
+    event_id: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Insert one event row in the caller's transaction; returns its ``event_id``.
+
+    ``item_id`` without ``batch_id``: the batch is read from the item in the same statement
+    (``INSERT … SELECT``), so the caller needs no extra query. ``webhook``: a webhook is
+    configured (the row owes a delivery). ``event_id``: a deterministic id (a uuid string) when
+    the event must exist at most once (``batch.finished`` per batch and size)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown event kind {kind!r}")
+    eid = event_id or new_event_id()
+    when = now or utcnow()
+    state = PENDING if webhook else NO_DELIVERY
+    payload = dict(data or {})
+    if item_id is not None and batch_id is None:
+        cols = [
+            Event.event_id,
+            Event.kind,
+            Event.item_id,
+            Event.batch_id,
+            Event.request_id,
+            Event.data,
+            Event.created_at,
+            Event.delivery_state,
+            Event.delivery_attempts,
+            Event.next_delivery_at,
+        ]
+        sel = select(
+            literal(eid, String()),
+            literal(kind, String()),
+            Item.id,
+            Item.batch_id,
+            literal(request_id, Event.request_id.type),
+            literal(payload, JsonType),
+            literal(when, Event.created_at.type),
+            literal(state, String()),
+            literal(0, Integer()),
+            literal(when if webhook else None, Event.next_delivery_at.type),
+        ).where(Item.id == item_id)
+        session.execute(insert(Event).from_select(cols, sel))
+        return eid
+    session.execute(
+        insert(Event).values(
+            event_id=eid,
+            kind=kind,
+            item_id=item_id,
+            batch_id=batch_id,
+            request_id=request_id,
+            data=payload,
+            created_at=when,
+            delivery_state=state,
+            delivery_attempts=0,
+            next_delivery_at=when if webhook else None,
+        )
+    )
+    return eid
+
+
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    """Where a workflow writes its events: knows whether a webhook is configured."""
+
+    webhook: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Outbox:
+        return cls(webhook=webhook_configured(settings))
+
+    def emit(self, session: Session, kind: str, **kwargs: Any) -> str:
+        kwargs.setdefault("webhook", self.webhook)
+        return emit(session, kind, **kwargs)
+
+    def item_finished(
+        self,
+        session: Session,
+        item_id: int,
+        status: str,
+        *,
+        reason: str | None = None,
+        code: str | None = None,
+        ocrid: str | None = None,
+        batch_id: str | None = None,
+    ) -> str:
+        """``item.finished`` for one item reaching a final status (one INSERT)."""
+        return self.emit(
+            session,
+            ITEM_FINISHED,
+            item_id=item_id,
+            batch_id=batch_id,
+            data=item_data(status, reason=reason, code=code, ocrid=ocrid),
+        )
+
+
+def item_data(
+    status: str, *, reason: str | None = None, code: str | None = None, ocrid: str | None = None
+) -> dict[str, Any]:
+    return {"status": str(status), "reason": reason, "code": code, "ocrid": ocrid}
+
+
+def webhook_configured(settings: Settings) -> bool:
+    return bool(getattr(settings, "webhook_url", None))
