@@ -13,6 +13,9 @@ right before the request is sent; a takeover that finds an open attempt without 
 was never sent and may send it, one with a mark may have been billed. Marks expire after a week.
 
 Entries hold recognised fields while they wait; they are removed as soon as the database has them.
+The answer in an entry is sealed with the process's key ring (``IDOCR_DATA_KEYS``, place
+``journal.result``), in Redis and in the file alike; without a key (the embedded database) it is
+kept as plain JSON.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ import redis
 
 from pipeline.coordination.resilience import is_infra_error
 from pipeline.providers.base import Outcome, ProviderResult
+from pipeline.storage.crypto import CryptoError, active_ring
 
 log = logging.getLogger(__name__)
 
 SENT_MARK_TTL = 7 * 24 * 3600
+#: the place a journal entry's answer is sealed for
+JOURNAL_CONTEXT = "journal.result"
 
 
 def result_to_json(result: ProviderResult) -> dict[str, Any]:
@@ -63,7 +69,7 @@ class Entry:
             k: getattr(self, k)
             for k in ("item_id", "attempt_id", "provider", "sha256", "worker", "elapsed_ms")
         }
-        d["result"] = result_to_json(self.result)
+        d["result"] = active_ring().seal_json(result_to_json(self.result), JOURNAL_CONTEXT)
         return json.dumps(d, ensure_ascii=False)
 
     @classmethod
@@ -74,7 +80,7 @@ class Entry:
             d["attempt_id"],
             d["provider"],
             d["sha256"],
-            result_from_json(d["result"]),
+            result_from_json(active_ring().open_json(d["result"], JOURNAL_CONTEXT)),
             d["worker"],
             d.get("elapsed_ms"),
         )
@@ -122,6 +128,8 @@ class AnswerJournal:
         for _, raw in self.redis.hscan_iter(self.key, count=count):
             try:
                 yield Entry.loads(raw)
+            except CryptoError as exc:  # names the key id and the place only
+                log.warning("an answer journal entry was skipped: %s", exc)
             except (ValueError, KeyError, TypeError):
                 log.warning("an unreadable answer journal entry was skipped")
 

@@ -19,6 +19,11 @@ Three kinds of value:
 
 A value without a token prefix was written without a key and is returned as it is. Errors name
 the key id and the value's place, never key material or data.
+
+The place (``context``) of a value stored in a column is ``"<table>.<column>"``: ``idocr keys
+rotate`` opens and re-seals stored values under that name. The process's ring is the one of
+``IDOCR_DATA_KEYS`` in its environment (:func:`active_ring`), which the schema's sealed column
+types use (:mod:`pipeline.storage.sealed`).
 """
 
 from __future__ import annotations
@@ -329,6 +334,11 @@ def new_key_entry(kid: str | None = None) -> str:
 @lru_cache(maxsize=4)
 def _ring_for(spec: str) -> KeyRing:
     return KeyRing.parse(spec)
+
+
+def active_ring() -> KeyRing:
+    """The ring of ``IDOCR_DATA_KEYS`` in this process's environment (parsed once per value)."""
+    return _ring_for(os.environ.get(ENV_VAR, ""))
 
 
 def keyring(settings: Settings) -> KeyRing:
