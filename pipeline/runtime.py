@@ -26,6 +26,7 @@ from pipeline.coordination.quota import QuotaExhausted, QuotaLedger
 from pipeline.coordination.ratelimit import provider_limiter
 from pipeline.coordination.redisconn import redis_client
 from pipeline.domain.images import ImageLimits
+from pipeline.outputs.events import Outbox
 from pipeline.providers.base import Provider
 from pipeline.providers.ihuyi import IhuyiClient
 from pipeline.queue import WorkQueue
@@ -160,6 +161,7 @@ def build_processor(
                 infra_patience=settings.infra_retry_for,
                 resend_unknown=settings.resend_unknown,
                 pause_signal=PauseSignal(r, provider.name, provider.account),
+                outbox=Outbox.from_settings(settings),
             )
         )
     for earlier, later in zip(processors, processors[1:], strict=False):
@@ -188,4 +190,5 @@ def build_reconciler(settings: Settings, queue: WorkQueue) -> Reconciler:
         provider=provider,
         account=account,
         journal=answer_journal(settings),
+        outbox=Outbox.from_settings(settings),
     )

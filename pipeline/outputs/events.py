@@ -135,9 +135,9 @@ class Outbox:
         item_id: int,
         status: str,
         *,
-        reason: str | None = None,
-        code: str | None = None,
-        ocrid: str | None = None,
+        reason: Any = None,
+        code: Any = None,
+        ocrid: Any = None,
         batch_id: str | None = None,
     ) -> str:
         """``item.finished`` for one item reaching a final status (one INSERT)."""
@@ -149,11 +149,52 @@ class Outbox:
             data=item_data(status, reason=reason, code=code, ocrid=ocrid),
         )
 
+    def items_finished(
+        self, session: Session, batch_id: str, finished: list[tuple[int, str, str | None]]
+    ) -> list[str]:
+        """``item.finished`` for many items of one batch settled together (the scan's
+        rejections and duplicates): ``(item id, status, reason)`` each, one executemany."""
+        if not finished:
+            return []
+        when = utcnow()
+        rows = [
+            {
+                "event_id": new_event_id(),
+                "kind": ITEM_FINISHED,
+                "item_id": item_id,
+                "batch_id": batch_id,
+                "request_id": None,
+                "data": item_data(status, reason=reason),
+                "created_at": when,
+                "delivery_state": PENDING if self.webhook else NO_DELIVERY,
+                "delivery_attempts": 0,
+                "next_delivery_at": when if self.webhook else None,
+            }
+            for item_id, status, reason in finished
+        ]
+        session.execute(insert(Event), rows)
+        return [str(r["event_id"]) for r in rows]
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
 
 def item_data(
-    status: str, *, reason: str | None = None, code: str | None = None, ocrid: str | None = None
+    status: str, *, reason: Any = None, code: Any = None, ocrid: Any = None
 ) -> dict[str, Any]:
-    return {"status": str(status), "reason": reason, "code": code, "ocrid": ocrid}
+    """What an ``item.finished`` row keeps: the status and codes, never the item's fields."""
+    return {
+        "status": str(status),
+        "reason": _text(reason),
+        "code": _text(code),
+        "ocrid": _text(ocrid),
+    }
+
+
+def pause_data(provider: str, account: str, kind: str, reason: str) -> dict[str, Any]:
+    """What ``queue.paused`` keeps: the provider account, the kind of pause and why."""
+    return {"provider": provider, "account": account, "kind": kind, "reason": reason}
 
 
 def webhook_configured(settings: Settings) -> bool:

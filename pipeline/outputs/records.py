@@ -3,6 +3,11 @@
 A duplicate (the same bytes as another item) carries its original's status and fields, with
 ``duplicate_of`` naming the original's source: every file gets its answer, paid for once.
 
+A record whose personal data retention purged (``pipeline.workflows.retention``) is exported
+with the status ``purged`` and ``purged_at``: the recognised fields and checks are left out (in
+CSV, their cells are empty), and so are its source and key when its own names were purged.
+A duplicate of a purged original is purged the same way: its answer is gone.
+
 Times are UTC in ISO 8601 with the offset (``2026-11-21T08:00:00.000000+00:00``) on both
 backends: SQLite hands timestamps back without a zone, PostgreSQL in the session's zone.
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -58,7 +63,25 @@ FIELDS = (
     "attempts",
     "duplicate_of",
     "updated_at",
+    "purged_at",
 )
+#: what a purged record leaves out (pipeline.workflows.retention): the person, and the names
+PURGED_FIELDS = frozenset(
+    {
+        "name",
+        "gender",
+        "ethnicity",
+        "date_of_birth",
+        "domicile",
+        "id_number",
+        "issue_authority",
+        "valid_from",
+        "valid_to",
+        "checks",
+    }
+)
+#: the status a purged record is exported with (the item keeps its own in the database)
+PURGED = "purged"
 _RESULT_FIELDS = (
     "side",
     "name",
@@ -84,40 +107,73 @@ def utc_iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="microseconds")
 
 
-def records(
-    session: Session, batch_id: str, chunk: int = 1000
-) -> Generator[dict[str, Any], None, None]:
+def _record_query() -> Any:
     orig = aliased(Item)
-    q = (
+    return (
         select(Item, orig, Result, Batch.provider)
         .join(Batch, Batch.id == Item.batch_id)
         .outerjoin(orig, orig.id == Item.duplicate_of)
         # the result is the item's own, or its original's for a duplicate
         .outerjoin(Result, Result.item_id == func.coalesce(Item.duplicate_of, Item.id))
+    )
+
+
+def _record(
+    item: Item, original: Item | None, result: Result | None, provider: str
+) -> dict[str, Any]:
+    src = original if item.status == ItemStatus.DUPLICATE and original is not None else item
+    rec: dict[str, Any] = {
+        "source": item.source_uri,
+        "key": item.source_key,
+        "sha256": item.sha256,
+        "batch": item.batch_id,
+        "status": src.status,
+        "reason": src.reason,
+        "provider": result.provider if result is not None else provider,
+        "code": src.code,
+        "msg": src.msg,
+        "ocrid": src.ocrid,
+        "attempts": item.attempts,
+        "duplicate_of": original.source_uri if original is not None else None,
+        "updated_at": utc_iso(src.updated_at),
+    }
+    for f in _RESULT_FIELDS:
+        rec[f] = getattr(result, f) if result is not None else None
+    # Retention removed the personal data of the item, or of the original whose answer a
+    # duplicate shares: the record says so instead of passing for an empty answer.
+    purged_at = item.purged_at or (src.purged_at if src is not item else None)
+    rec["purged_at"] = utc_iso(purged_at)
+    if purged_at is None:
+        return {k: rec[k] for k in FIELDS}
+    rec["status"] = PURGED
+    if item.purged_at is not None:
+        rec["source"] = rec["key"] = None
+    if original is not None and original.purged_at is not None:
+        rec["duplicate_of"] = None
+    return {k: rec[k] for k in FIELDS if k not in PURGED_FIELDS}
+
+
+def records(
+    session: Session, batch_id: str, chunk: int = 1000
+) -> Generator[dict[str, Any], None, None]:
+    q = (
+        _record_query()
         .where(Item.batch_id == batch_id)
         .order_by(Item.id)
         .execution_options(yield_per=chunk)
     )
     for item, original, result, provider in session.execute(q):
-        src = original if item.status == ItemStatus.DUPLICATE and original is not None else item
-        rec: dict[str, Any] = {
-            "source": item.source_uri,
-            "key": item.source_key,
-            "sha256": item.sha256,
-            "batch": item.batch_id,
-            "status": src.status,
-            "reason": src.reason,
-            "provider": result.provider if result is not None else provider,
-            "code": src.code,
-            "msg": src.msg,
-            "ocrid": src.ocrid,
-            "attempts": item.attempts,
-            "duplicate_of": original.source_uri if original is not None else None,
-            "updated_at": utc_iso(src.updated_at),
-        }
-        for f in _RESULT_FIELDS:
-            rec[f] = getattr(result, f) if result is not None else None
-        yield {k: rec[k] for k in FIELDS}
+        yield _record(item, original, result, provider)
+
+
+def records_of_items(session: Session, item_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """The export's record of each of these items (any batches), by item id: what an
+    ``item.finished`` event carries."""
+    ids = sorted(set(item_ids))
+    if not ids:
+        return {}
+    q = _record_query().where(Item.id.in_(ids))
+    return {item.id: _record(item, o, r, p) for item, o, r, p in session.execute(q)}
 
 
 def write_jsonl(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
@@ -175,8 +231,8 @@ def write_csv(rows: Iterator[dict[str, Any]], out: IO[str], *, excel: bool = Fal
     n = 0
     for rec in rows:
         flat = dict(rec)
-        flat["quality"] = "|".join(rec["quality"]) if rec["quality"] else ""
-        flat["checks"] = json.dumps(rec["checks"], ensure_ascii=False) if rec["checks"] else ""
+        flat["quality"] = "|".join(rec["quality"]) if rec.get("quality") else ""
+        flat["checks"] = json.dumps(rec["checks"], ensure_ascii=False) if rec.get("checks") else ""
         row = {k: ("" if v is None else str(v)) for k, v in flat.items()}
         if excel:
             row = {k: excel_cell(k, v) for k, v in row.items()}

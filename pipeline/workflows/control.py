@@ -17,6 +17,7 @@ from pipeline.coordination.gate import PauseSignal
 from pipeline.coordination.quota import QuotaLedger
 from pipeline.coordination.ratelimit import RateLimiter, provider_limiter
 from pipeline.coordination.redisconn import redis_client
+from pipeline.outputs.events import QUEUE_PAUSED, QUEUE_RESUMED, Outbox, pause_data
 from pipeline.providers.base import BalanceError, Outcome, Provider
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
@@ -50,6 +51,9 @@ def pause(
     broadcast: Broadcast | None = None,
 ) -> Pause:
     with unit_of_work(settings.resolved_database_url) as s:
+        if repo.open_pause(s, provider, account) is None:  # the event opens with the pause
+            data = pause_data(provider, account, kind, reason)
+            Outbox.from_settings(settings).emit(s, QUEUE_PAUSED, data=data)
         p = repo.add_pause(s, provider, account, kind, reason)
     _signal(settings, provider, account)
     log.warning("submissions to %s paused (%s): %s", provider, kind, reason)
@@ -71,7 +75,10 @@ def resume(
     """Close the pause and re-enqueue the items it parked; returns how many."""
     url = settings.resolved_database_url
     with unit_of_work(url) as s:
-        repo.close_pauses(s, provider, account, by)
+        if repo.close_pauses(s, provider, account, by):
+            Outbox.from_settings(settings).emit(
+                s, QUEUE_RESUMED, data={"provider": provider, "account": account, "by": by}
+            )
     _signal(settings, provider, account)
     if broadcast is not None:
         broadcast(True)

@@ -47,6 +47,7 @@ from pipeline.coordination.journal import AnswerJournal, Entry, SentMarks
 from pipeline.coordination.resilience import OutageTooLong, is_infra_error, outlast
 from pipeline.domain.checks import check_fields
 from pipeline.domain.images import ImageLimits, ImageRejected, prepare, sniff
+from pipeline.outputs.events import QUEUE_PAUSED, Outbox, pause_data
 from pipeline.providers.base import ImagePayload, Outcome, Provider, ProviderResult
 from pipeline.sources import read_uri
 from pipeline.sources.base import SourceError
@@ -157,11 +158,15 @@ def result_row(
     )
 
 
-def apply_answer(session: Any, entry: Entry, guard: Any, today: datetime) -> str | None:
+def apply_answer(
+    session: Any, entry: Entry, guard: Any, today: datetime, outbox: Outbox | None = None
+) -> str | None:
     """Write a paid answer: its attempt closed, the item's final status and, for a success, its
-    result — where ``guard`` still holds. Returns the status, or None when the item was no longer
-    the writer's to settle (the attempt is recorded all the same)."""
+    result — where ``guard`` still holds — and its ``item.finished`` event (``outbox``). Returns
+    the status, or None when the item was no longer the writer's to settle (the attempt is
+    recorded all the same)."""
     r = entry.result
+    out = outbox or NO_WEBHOOK
     repo.finish_attempt(
         session,
         entry.attempt_id,
@@ -181,12 +186,19 @@ def apply_answer(session: Any, entry: Entry, guard: Any, today: datetime) -> str
         ):
             return None
         repo.save_result(session, result_row(entry.item_id, entry.provider, r, today))
+        out.item_finished(session, entry.item_id, ItemStatus.SUCCEEDED, code=r.code, ocrid=r.ocrid)
         return ItemStatus.SUCCEEDED
     reason = "image" if r.outcome is Outcome.IMAGE else "refused"
     if not repo.settle(session, entry.item_id, ItemStatus.FAILED, guard, reason=reason, **values):
         return None
+    out.item_finished(
+        session, entry.item_id, ItemStatus.FAILED, reason=reason, code=r.code, ocrid=r.ocrid
+    )
     return ItemStatus.FAILED
 
+
+#: events of a writer that was not told about a webhook
+NO_WEBHOOK = Outbox()
 
 UNKNOWN_MSG = (
     "the worker was lost while the provider had this image: it may have been billed and the "
@@ -222,8 +234,11 @@ class Processor:
         gate_ttl: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         today: Callable[[], datetime] = lambda: datetime.now(UTC),
+        outbox: Outbox | None = None,
     ) -> None:
         self.db = database_url
+        #: where final statuses and pauses write their events (docs/events.md)
+        self.outbox = outbox or NO_WEBHOOK
         self.provider = provider
         self.limits = limits
         self.retry = retry
@@ -310,7 +325,7 @@ class Processor:
                 if entry is not None:
                     # a paid answer its worker could not write: use it, never call again
                     applied = apply_answer(
-                        s, entry, repo.answerable(worker=self.worker_id), self.today()
+                        s, entry, repo.answerable(worker=self.worker_id), self.today(), self.outbox
                     )
                 elif self._takeover_failed(s, item_id):
                     return ItemStatus.FAILED
@@ -387,6 +402,7 @@ class Processor:
         metrics.record_unknown(self.provider.name, len(sent))
         if sent and not self.resend_unknown:
             repo.set_status(s, item_id, ItemStatus.FAILED, reason=repo.UNKNOWN, msg=UNKNOWN_MSG)
+            self.outbox.item_finished(s, item_id, ItemStatus.FAILED, reason=repo.UNKNOWN)
             metrics.record_item_final(ItemStatus.FAILED, repo.UNKNOWN)
             return True
         return False
@@ -743,7 +759,7 @@ class Processor:
 
         def write() -> str | None:
             with unit_of_work(self.db) as s:
-                return apply_answer(s, entry, guard, self.today())
+                return apply_answer(s, entry, guard, self.today(), self.outbox)
 
         journaled = False
         try:
@@ -804,7 +820,17 @@ class Processor:
             with unit_of_work(self.db) as s:
                 if not sent and w.attempt_id is not None:
                     repo.drop_unsent_attempt(s, w.attempt_id)
-                return repo.settle(s, item_id, status, repo.held_by(self.worker_id), **values)
+                if not repo.settle(s, item_id, status, repo.held_by(self.worker_id), **values):
+                    return False
+                self.outbox.item_finished(
+                    s,
+                    item_id,
+                    status,
+                    reason=values.get("reason"),
+                    code=values.get("code"),
+                    batch_id=w.batch_id,
+                )
+                return True
 
         if not self._outlast(write, f"item {item_id}: status"):
             log.warning("item %s: taken over before it was settled", item_id)
@@ -842,6 +868,9 @@ class Processor:
     def _pause(self, kind: str, reason: str) -> None:
         def write() -> None:
             with unit_of_work(self.db) as s:
+                if repo.open_pause(s, self.provider.name, self.provider.account) is None:
+                    data = pause_data(self.provider.name, self.provider.account, kind, reason)
+                    self.outbox.emit(s, QUEUE_PAUSED, data=data)
                 repo.add_pause(s, self.provider.name, self.provider.account, kind, reason)
 
         self._outlast(write, "pause")

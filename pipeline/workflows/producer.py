@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from itertools import islice
 
 from pipeline.domain.images import IMAGE_EXTENSIONS, ImageLimits
+from pipeline.outputs.events import Outbox
 from pipeline.sources.base import Source, SourceError, SourceRef
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
@@ -182,8 +183,13 @@ def scan(
     chunk_size: int = CHUNK,
     on_chunk: Callable[[ScanReport], None] | None = None,
     via: str = "bytes",
+    outbox: Outbox | None = None,
 ) -> ScanReport:
+    """Stream ``source`` into the batch; items settled at once (rejected, duplicates) get their
+    ``item.finished`` events in the chunk's transaction (``outbox``: whether a webhook is
+    configured)."""
     allowed = (limits or ImageLimits()).allowed
+    events = outbox or Outbox()
     report = ScanReport(batch_id=batch_id)
     with unit_of_work(database_url) as s:
         batch, new_batch = repo.get_or_create_batch(s, batch_id, source.uri, provider, via)
@@ -201,6 +207,11 @@ def scan(
         with unit_of_work(database_url) as s:
             items = repo.add_items(s, batch_id, rows, new_batch=new_batch)
             to_send = [i.id for i in items if i.status == ItemStatus.QUEUED]
+            events.items_finished(
+                s,
+                batch_id,
+                [(i.id, i.status, i.reason) for i in items if i.status != ItemStatus.QUEUED],
+            )
             for i in items:
                 if i.status == ItemStatus.REJECTED:
                     report.rejected += 1

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 from pipeline.coordination.journal import AnswerJournal
+from pipeline.outputs.events import Outbox
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import FINAL_STATUSES, Item, ItemStatus, utcnow
@@ -108,8 +109,10 @@ class Reconciler:
         account: str,
         journal: AnswerJournal | None = None,
         today: Callable[[], datetime] = lambda: datetime.now(UTC),
+        outbox: Outbox | None = None,
     ) -> None:
         self.db = database_url
+        self.outbox = outbox
         self.redis = redis_client
         self.queue = queue
         self.enqueue = enqueue
@@ -160,7 +163,11 @@ class Reconciler:
         for entry in self.journal.entries():
             with unit_of_work(self.db) as s:
                 status = apply_answer(
-                    s, entry, repo.answerable(stale_before=utcnow() - self.lease), self.today()
+                    s,
+                    entry,
+                    repo.answerable(stale_before=utcnow() - self.lease),
+                    self.today(),
+                    self.outbox,
                 )
                 item = s.get(Item, entry.item_id)
                 settled = item is None or (
