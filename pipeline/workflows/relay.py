@@ -233,7 +233,7 @@ class Relay:
                 .execution_options(synchronize_session=False)
             )
             batches = {e.batch_id for e in events if e.kind == ITEM_FINISHED and e.batch_id}
-            finished = sum(self._batch_finished(s, b) for b in sorted(batches))
+            finished = sum(finish_batch_if_done(s, b, self.outbox) for b in sorted(batches))
         return len(events), finished
 
     def deliver_once(self) -> tuple[int, int, int, int]:
@@ -339,44 +339,6 @@ class Relay:
             out[ev.id] = (body, keyed)
         return out
 
-    # -- batch.finished ------------------------------------------------------------------------
-    def _batch_finished(self, s: Session, batch_id: str) -> int:
-        """``batch.finished`` for ``batch_id`` if none of its items is left unfinished and the
-        event for its present size does not exist yet (1 if written now)."""
-        unfinished = s.scalar(
-            select(Item.id)
-            .where(Item.batch_id == batch_id, Item.status.not_in(FINAL_STATUSES))
-            .limit(1)
-        )
-        if unfinished is not None:
-            return 0
-        label = func.coalesce(Item.code, Item.reason, literal_column("''"))
-        rows = s.execute(
-            select(Item.status, label, func.count())
-            .where(Item.batch_id == batch_id)
-            .group_by(Item.status, label)
-        ).all()
-        total = sum(n for _, _, n in rows)
-        if not total:
-            return 0
-        eid = batch_finished_id(batch_id, total)
-        if s.scalar(select(exists().where(Event.event_id == eid))):
-            return 0
-        by_status: dict[str, int] = {}
-        by_code: dict[str, dict[str, int]] = {}
-        for status, code, n in rows:
-            by_status[status] = by_status.get(status, 0) + n
-            if code:
-                by_code.setdefault(status, {})[code] = by_code.get(status, {}).get(code, 0) + n
-        data = {"total": total, "statuses": by_status, "codes": by_code}
-        try:
-            with s.begin_nested():
-                self.outbox.emit(s, BATCH_FINISHED, batch_id=batch_id, data=data, event_id=eid)
-        except IntegrityError:  # another relay wrote it meanwhile
-            return 0
-        log.info("batch %s finished (%d items)", batch_id, total)
-        return 1
-
     # -- HTTP --------------------------------------------------------------------------------
     def _post_all(self, hook: Webhook, work: list[tuple[str, bytes]]) -> list[str | None]:
         if len(work) == 1 or hook.parallel <= 1:
@@ -468,6 +430,50 @@ class Relay:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def finish_batch_if_done(
+    s: Session, batch_id: str, outbox: Outbox, *, allow_empty: bool = False
+) -> int:
+    """``batch.finished`` for ``batch_id`` if none of its items is left unfinished and the
+    event for its present size does not exist yet (1 if written now). First a one-row look-up
+    on ``(batch_id, status)``: the counts are taken only for a batch that is done.
+    ``allow_empty``: a batch with no items at all finishes too (a scheduled scan of an empty
+    folder)."""
+    unfinished = s.scalar(
+        select(Item.id)
+        .where(Item.batch_id == batch_id, Item.status.not_in(FINAL_STATUSES))
+        .limit(1)
+    )
+    if unfinished is not None:
+        return 0
+    label = func.coalesce(Item.code, Item.reason, literal_column("''"))
+    rows = s.execute(
+        select(Item.status, label, func.count())
+        .where(Item.batch_id == batch_id)
+        .group_by(Item.status, label)
+    ).all()
+    total = sum(n for _, _, n in rows)
+    if not total and not allow_empty:
+        return 0
+    eid = batch_finished_id(batch_id, total)
+    if s.scalar(select(exists().where(Event.event_id == eid))):
+        return 0
+    by_status: dict[str, int] = {}
+    by_code: dict[str, dict[str, int]] = {}
+    for status, code, n in rows:
+        by_status[status] = by_status.get(status, 0) + n
+        if code:
+            codes = by_code.setdefault(status, {})
+            codes[code] = codes.get(code, 0) + n
+    data = {"total": total, "statuses": by_status, "codes": by_code}
+    try:
+        with s.begin_nested():
+            outbox.emit(s, BATCH_FINISHED, batch_id=batch_id, data=data, event_id=eid)
+    except IntegrityError:  # another relay wrote it meanwhile
+        return 0
+    log.info("batch %s finished (%d items)", batch_id, total)
+    return 1
 
 
 def event_body(ev: Event, record: dict[str, Any] | None) -> dict[str, Any]:
@@ -576,6 +582,16 @@ class RelayThread:
         self.relay.wake()
         self.thread.join(timeout)
         self.relay.close()
+
+    def drain_and_stop(self, timeout: float = 30.0) -> bool:
+        """Stop the thread, then publish what is still waiting (False: ``timeout`` passed)."""
+        self.stop_event.set()
+        self.relay.wake()
+        self.thread.join(timeout)
+        try:
+            return self.relay.drain(timeout)
+        finally:
+            self.relay.close()
 
 
 # -- the command line's views and replays ----------------------------------------------------
