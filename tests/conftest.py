@@ -21,12 +21,17 @@ import redis
 from sqlalchemy import create_engine, text
 
 from pipeline.config import reset_settings
+from pipeline.storage.crypto import new_key_entry
 from pipeline.storage.db import upgrade
 from tests.redisdb import OwnedRedisDb
 from tests.s3server import s3_bucket_fixture, s3_server_fixture  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+# Every test runs with personal data encrypted at rest (PostgreSQL refuses to start without a
+# key); tests of the unencrypted embedded mode or of other keys set IDOCR_DATA_KEYS themselves.
+TEST_DATA_KEYS = os.environ.get("IDOCR_TEST_DATA_KEYS") or new_key_entry("test")
+os.environ["IDOCR_DATA_KEYS"] = TEST_DATA_KEYS
 PG_ADMIN_URL = os.environ.get("IDOCR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -127,6 +132,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         if k.startswith("IDOCR_"):
             monkeypatch.delenv(k)
     monkeypatch.setenv("IDOCR_DATA_DIR", str(tmp_path / ".idocr"))
+    monkeypatch.setenv("IDOCR_DATA_KEYS", TEST_DATA_KEYS)
     reset_settings()
     yield tmp_path
     reset_settings()
@@ -153,8 +159,10 @@ def sandbox_factory():  # type: ignore[no-untyped-def]
 
 
 def idocr_env(**extra: str) -> dict[str, str]:
-    """The environment for an `idocr` subprocess: ours minus IDOCR_*, plus ``extra``."""
+    """The environment for an `idocr` subprocess: ours minus IDOCR_*, plus the suite's data
+    key (``IDOCR_DATA_KEYS=""`` in ``extra`` runs it without one), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDOCR_")}
+    env["IDOCR_DATA_KEYS"] = TEST_DATA_KEYS
     env.update(extra)
     return env
 

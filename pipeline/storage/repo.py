@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy import CursorResult
 
 from pipeline.domain.pairing import PAIR_CHECK, SideRecord, pair_checks, pair_key
+from pipeline.storage.crypto import active_ring
 from pipeline.storage.models import (
     FINAL_STATUSES,
     Attempt,
@@ -562,8 +563,10 @@ def finish_attempt(
 
 
 def save_result(session: Session, values: dict[str, Any]) -> None:
-    """The item's result (Core INSERT: an item is settled once, guarded by its claim)."""
-    session.execute(insert(Result).values(**values))
+    """The item's result (Core INSERT: an item is settled once, guarded by its claim). The
+    personal fields are sealed by their column types; the ID number's blind index is added."""
+    index = active_ring().blind_index(values.get("id_number"))
+    session.execute(insert(Result).values(**values, id_number_index=index))
 
 
 _PAIR_FIELDS = (Result.date_of_birth, Result.id_number, Result.valid_from, Result.valid_to)
