@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,13 @@ class AnswerJournal:
             log.warning(
                 "item %s: answer journal entry not removed (%s)", item_id, type(exc).__name__
             )
+
+    def forget(self, item_ids: Sequence[int]) -> int:
+        """Remove the entries of these items, whatever their state (retention purged their
+        data); returns how many there were."""
+        if not item_ids:
+            return 0
+        return int(self.redis.hdel(self.key, *(str(i) for i in item_ids)))
 
     # -- reading ---------------------------------------------------------------------------
     def get(self, item_id: int) -> Entry | None:

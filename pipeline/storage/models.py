@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from pipeline.storage.sealed import SealedJSON, SealedText
+from pipeline.storage.names import SealedName
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -75,7 +75,7 @@ class Batch(TimestampMixin, Base):
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    source: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(SealedName("batches.source"))
     provider: Mapped[str] = mapped_column(String(32))
     #: how images reach the provider: "bytes" (the worker sends them) or "url" (a presigned
     #: URL the provider fetches; the bytes never pass through the worker)
@@ -103,14 +103,23 @@ class Item(TimestampMixin, Base):
             postgresql_where=text("pair_key IS NOT NULL"),
             sqlite_where=text("pair_key IS NOT NULL"),
         ),
+        # retention: final items not yet purged, oldest first
+        Index(
+            "ix_items_unpurged_updated_at",
+            "updated_at",
+            "id",
+            postgresql_where=text("purged_at IS NULL"),
+            sqlite_where=text("purged_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
-    source_key: Mapped[str] = mapped_column(Text)
-    source_uri: Mapped[str] = mapped_column(Text)
+    #: names are personal data: sealed at rest, searchable by equality (pipeline.storage.names)
+    source_key: Mapped[str] = mapped_column(SealedName("items.source_key"))
+    source_uri: Mapped[str] = mapped_column(SealedName("items.source_uri"))
     #: the name front and back of one card share (:func:`pipeline.domain.pairing.pair_key`)
-    pair_key: Mapped[str | None] = mapped_column(Text)
+    pair_key: Mapped[str | None] = mapped_column(SealedName("items.pair_key"))
     #: "sha256:<hex>" when the bytes were read at scan time, "etag:<etag>" otherwise
     fingerprint: Mapped[str] = mapped_column(String(160))
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -126,6 +135,8 @@ class Item(TimestampMixin, Base):
     duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("items.id"))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claimed_by: Mapped[str | None] = mapped_column(String(128))
+    #: when retention removed its personal data (names, result fields); the audit columns stay
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     batch: Mapped[Batch] = relationship(back_populates="items", lazy="raise")
 
@@ -151,11 +162,7 @@ class Attempt(Base):
 
 
 class Result(TimestampMixin, Base):
-    """The normalised record of a recognised card, one per succeeded item.
-
-    Every personal field, the checks (they quote the partner's file name) and the provider's
-    raw answer are sealed at rest with ``IDOCR_DATA_KEYS`` (:mod:`pipeline.storage.sealed`);
-    ``id_number_index`` is the ID number's blind index, the only way to look a card up."""
+    """The normalised record of a recognised card, one per succeeded item."""
 
     __tablename__ = "results"
 
@@ -164,20 +171,18 @@ class Result(TimestampMixin, Base):
     )
     provider: Mapped[str] = mapped_column(String(32))
     side: Mapped[str | None] = mapped_column(String(8))
-    name: Mapped[str | None] = mapped_column(SealedText("results.name"))
-    gender: Mapped[str | None] = mapped_column(SealedText("results.gender"))
-    ethnicity: Mapped[str | None] = mapped_column(SealedText("results.ethnicity"))
-    date_of_birth: Mapped[str | None] = mapped_column(SealedText("results.date_of_birth"))
-    domicile: Mapped[str | None] = mapped_column(SealedText("results.domicile"))
-    id_number: Mapped[str | None] = mapped_column(SealedText("results.id_number"))
-    issue_authority: Mapped[str | None] = mapped_column(SealedText("results.issue_authority"))
-    valid_from: Mapped[str | None] = mapped_column(SealedText("results.valid_from"))
-    valid_to: Mapped[str | None] = mapped_column(SealedText("results.valid_to"))
-    #: ``<kid>:<hex HMAC-SHA256>`` of the normalised ID number (None without a key)
-    id_number_index: Mapped[str | None] = mapped_column(String(100), index=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    gender: Mapped[str | None] = mapped_column(String(8))
+    ethnicity: Mapped[str | None] = mapped_column(String(32))
+    date_of_birth: Mapped[str | None] = mapped_column(String(10))
+    domicile: Mapped[str | None] = mapped_column(Text)
+    id_number: Mapped[str | None] = mapped_column(String(32))
+    issue_authority: Mapped[str | None] = mapped_column(Text)
+    valid_from: Mapped[str | None] = mapped_column(String(10))
+    valid_to: Mapped[str | None] = mapped_column(String(10))
     quality: Mapped[list[str] | None] = mapped_column(JsonType)
-    checks: Mapped[dict[str, Any] | None] = mapped_column(SealedJSON("results.checks"))
-    raw: Mapped[Any] = mapped_column(SealedJSON("results.raw"))
+    checks: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    raw: Mapped[Any] = mapped_column(JsonType)
 
 
 class Pause(Base):

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from sqlalchemy import CursorResult
 
 from pipeline.domain.pairing import PAIR_CHECK, SideRecord, pair_checks, pair_key
-from pipeline.storage.crypto import active_ring
 from pipeline.storage.models import (
     FINAL_STATUSES,
     Attempt,
@@ -121,6 +120,7 @@ def canonical_items(session: Session, sha256s: Iterable[str]) -> dict[str, int]:
             one_of(session, Item.sha256, shas),
             Item.status.in_(_CANONICAL),
             Item.duplicate_of.is_(None),
+            Item.purged_at.is_(None),  # its result was purged: nothing left to share
         )
     )
     best: dict[str | None, tuple[int, int]] = {}
@@ -359,7 +359,10 @@ def answerable(worker: str | None = None, stale_before: datetime | None = None) 
     """Items a paid answer may still be written to: the claim ``worker`` holds; with
     ``stale_before``, also claims abandoned since and items waiting for a message; and an item
     failed as ``unknown`` (its answer was lost with its worker) whose answer turns up later."""
-    conds = [and_(Item.status == ItemStatus.FAILED, Item.reason == UNKNOWN)]
+    # a purged item takes no answer back (its personal data was removed on purpose)
+    conds = [
+        and_(Item.status == ItemStatus.FAILED, Item.reason == UNKNOWN, Item.purged_at.is_(None))
+    ]
     if worker is not None:
         conds.append(and_(Item.status == ItemStatus.SUBMITTING, Item.claimed_by == worker[:128]))
     if stale_before is not None:
@@ -463,6 +466,7 @@ def requeue_failed(
                 Item.batch_id == batch_id,
                 Item.status == ItemStatus.FAILED,
                 Item.reason.in_(reasons),
+                Item.purged_at.is_(None),  # its file name is gone: it cannot be read again
             )
         )
     )
@@ -563,10 +567,8 @@ def finish_attempt(
 
 
 def save_result(session: Session, values: dict[str, Any]) -> None:
-    """The item's result (Core INSERT: an item is settled once, guarded by its claim). The
-    personal fields are sealed by their column types; the ID number's blind index is added."""
-    index = active_ring().blind_index(values.get("id_number"))
-    session.execute(insert(Result).values(**values, id_number_index=index))
+    """The item's result (Core INSERT: an item is settled once, guarded by its claim)."""
+    session.execute(insert(Result).values(**values))
 
 
 _PAIR_FIELDS = (Result.date_of_birth, Result.id_number, Result.valid_from, Result.valid_to)

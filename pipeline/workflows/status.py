@@ -60,6 +60,8 @@ class BatchStatus:
     #: (status, code or reason, items)
     by_code: list[tuple[str, str, int]] = field(default_factory=list)
     pending: int = 0
+    #: items whose personal data retention removed (counted in their status too)
+    purged: int = 0
     pause: dict[str, Any] | None = None
     balance: dict[str, Any] | None = None
     quota: dict[str, Any] | None = None
@@ -106,6 +108,7 @@ class BatchStatus:
                 "total": self.total,
                 "pending": self.pending,
                 "final": self.final,
+                "purged": self.purged,
                 "by_status": dict(sorted(self.by_status.items())),
                 "by_code": [
                     {"status": s, "code": c or None, "items": n} for s, c, n in self.by_code
@@ -181,6 +184,12 @@ def collect(
         (s, c or "", n) for (s, c), n in repo.code_counts(session, batch_id).items()
     )
     st.pending = repo.pending_count(session, batch_id)
+    st.purged = (
+        session.scalar(
+            select(func.count()).where(Item.batch_id == batch_id, Item.purged_at.is_not(None))
+        )
+        or 0
+    )
 
     since = now - timedelta(seconds=RATE_WINDOW)
     calls = (
