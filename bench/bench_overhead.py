@@ -15,6 +15,7 @@ client, and with --profile a cProfile summary by stage.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                 IDOCR_IHUYI_API_KEY="sandbox-key", IDOCR_DATABASE_URL=db_url, IDOCR_REDIS_URL=own.url,
                 IDOCR_DATA_DIR=str(work / ".idocr"), IDOCR_RATE_LIMIT="100000", IDOCR_RATE_BURST="1000",
                 IDOCR_CONCURRENCY=str(args.concurrency),
+                # personal data is encrypted at rest outside the embedded default: the cost counts
+                IDOCR_DATA_KEYS="bench:" + base64.b64encode(os.urandom(32)).decode(),
             )
             procs = []
             for i in range(args.workers):
@@ -69,11 +72,18 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                                               stderr=(work / f"w{i}.log").open("wb"), start_new_session=True))
             try:
                 time.sleep(6)  # connected and warmed up (first balance reading, codecs)
+                spy = None
+                if args.spy:  # py-spy samples the first worker for the whole run (idle included)
+                    spy = subprocess.Popen(["py-spy", "record", "-p", str(procs[0].pid), "-r", "250",
+                                            "--format", "raw", "-o", args.spy, "--nonblocking", "--gil"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 cpu0 = sum(cpu_seconds(p.pid) for p in procs)
                 billed0 = sandbox.stats()["billed"]
                 t0 = time.perf_counter()
                 assert billed0 == 0, "one pipeline run per sandbox"
-                subprocess.run([*IDOCR, "scan", str(folder)], env=env, check=True, capture_output=True)
+                sc = subprocess.run([*IDOCR, "scan", str(folder)], env=env, check=False, capture_output=True)
+                if sc.returncode:
+                    raise SystemExit(f"scan failed: {sc.stderr.decode()[-2000:]}")
                 while sandbox.stats()["billed"] - billed0 < args.images:
                     time.sleep(0.05)
                     if time.perf_counter() - t0 > 600:
@@ -89,6 +99,9 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                 engine.dispose()
                 t_end = time.time()
                 cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
+                if spy is not None:
+                    spy.send_signal(2)
+                    spy.wait()
                 # from the first call the provider saw: the scan command's own start-up is not
                 # the workers' throughput
                 first = min(c["at"] for c in sandbox.stats()["calls"])
@@ -190,6 +203,10 @@ def profile_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox, 
             clock.wrap(proc.provider, "send", "HTTP call (provider.send)")
             for name in ("execute", "commit", "rollback", "close", "get", "scalar", "scalars", "flush"):
                 clock.wrap(Session, name, "database (SQLAlchemy and driver)")
+            from sqlalchemy.engine import Connection
+
+            for name in ("execute", "commit", "rollback", "close"):
+                clock.wrap(Connection, name, "database (SQLAlchemy and driver)")
             clock.wrap(redis.Redis, "execute_command", "Redis (limiter, ledger, marks)")
             clock.wrap(redis.client.Pipeline, "execute", "Redis (limiter, ledger, marks)")
             clock.wrap(redis.commands.core.Script, "__call__", "Redis (limiter, ledger, marks)")
@@ -220,6 +237,7 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--pool", choices=["threads", "prefork", "gevent"], default=None)
     p.add_argument("--sqlite", action="store_true")
+    p.add_argument("--spy", help="py-spy's collapsed stacks of the first worker to this file")
     p.add_argument("--profile", type=int, default=0, help="only profile this many images in-process")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
