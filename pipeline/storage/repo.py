@@ -25,9 +25,10 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
 if TYPE_CHECKING:
-    from sqlalchemy import CursorResult
+    from sqlalchemy import CursorResult, Table
 
 from pipeline.domain.pairing import PAIR_CHECK, SideRecord, pair_checks, pair_key
+from pipeline.storage.crypto import active_ring
 from pipeline.storage.models import (
     FINAL_STATUSES,
     Attempt,
@@ -311,6 +312,48 @@ class Claimed:
     pair_key: str | None
 
 
+# The worker's hot path runs prebuilt Core statements with bound parameters on the session's
+# connection: no ORM bulk-update machinery and no statement building per image; SQLAlchemy
+# compiles each of them once per process (its compiled cache is keyed on the statement object).
+_items = cast("Table", Item.__table__)
+_attempts = cast("Table", Attempt.__table__)
+_results = cast("Table", Result.__table__)
+
+
+def _claim_statement(stale: bool) -> Any:
+    cond = _items.c.status == ItemStatus.QUEUED.value
+    if stale:
+        cond = or_(
+            cond,
+            and_(
+                _items.c.status == ItemStatus.SUBMITTING.value,
+                _items.c.claimed_at < bindparam("p_stale_before"),
+            ),
+        )
+    return (
+        update(_items)
+        .where(_items.c.id == bindparam("p_id"), cond)
+        .values(
+            status=ItemStatus.SUBMITTING.value,
+            claimed_at=bindparam("p_now"),
+            claimed_by=bindparam("p_worker"),
+            updated_at=bindparam("p_now"),
+        )
+        .returning(
+            _items.c.batch_id,
+            _items.c.source_uri,
+            _items.c.sha256,
+            _items.c.size,
+            _items.c.attempts,
+            _items.c.pair_key,
+        )
+    )
+
+
+_CLAIM = _claim_statement(stale=False)
+_CLAIM_STALE = _claim_statement(stale=True)
+
+
 def claim_row(
     session: Session, item_id: int, worker: str, stale_before: datetime | None = None
 ) -> Claimed | None:
@@ -321,18 +364,11 @@ def claim_row(
     ``stale_before``: an item claimed before then whose worker never renewed its claim since (a
     crash, a killed container) may be claimed again; what its calls left is settled by the
     taker (:meth:`pipeline.workflows.processing.Processor._claim`)."""
-    now = utcnow()
-    row = session.execute(
-        update(Item)
-        .where(Item.id == item_id, _claimable(stale_before))
-        .values(
-            status=ItemStatus.SUBMITTING, claimed_at=now, claimed_by=worker[:128], updated_at=now
-        )
-        .returning(
-            Item.batch_id, Item.source_uri, Item.sha256, Item.size, Item.attempts, Item.pair_key
-        )
-        .execution_options(synchronize_session=False)
-    ).first()
+    params: dict[str, Any] = {"p_id": item_id, "p_now": utcnow(), "p_worker": worker[:128]}
+    if stale_before is not None:
+        params["p_stale_before"] = stale_before
+    stmt = _CLAIM if stale_before is None else _CLAIM_STALE
+    row = session.connection().execute(stmt, params).first()
     return None if row is None else Claimed(*row)
 
 
@@ -355,36 +391,89 @@ def renew_claims(session: Session, item_ids: Sequence[int], worker: str) -> int:
 UNKNOWN = "unknown"
 
 
-def answerable(worker: str | None = None, stale_before: datetime | None = None) -> Any:
-    """Items a paid answer may still be written to: the claim ``worker`` holds; with
-    ``stale_before``, also claims abandoned since and items waiting for a message; and an item
-    failed as ``unknown`` (its answer was lost with its worker) whose answer turns up later."""
-    # a purged item takes no answer back (its personal data was removed on purpose)
-    conds = [
-        and_(Item.status == ItemStatus.FAILED, Item.reason == UNKNOWN, Item.purged_at.is_(None))
-    ]
-    if worker is not None:
-        conds.append(and_(Item.status == ItemStatus.SUBMITTING, Item.claimed_by == worker[:128]))
-    if stale_before is not None:
-        conds.append(_claimable(stale_before))
-        conds.append(Item.status == ItemStatus.PAUSED)
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Where a final status may still be written (see :func:`answerable`, :func:`held_by`)."""
+
+    #: the claim this worker holds
+    worker: str | None = None
+    #: also claims abandoned before then, and items waiting for a message or parked
+    stale_before: datetime | None = None
+    #: also an item failed ``unknown`` whose answer turns up later
+    unknown: bool = False
+
+    def shape(self) -> tuple[bool, bool, bool]:
+        return (self.worker is not None, self.stale_before is not None, self.unknown)
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {}
+        if self.worker is not None:
+            p["g_worker"] = self.worker[:128]
+        if self.stale_before is not None:
+            p["g_stale_before"] = self.stale_before
+        return p
+
+
+def _guard_clause(shape: tuple[bool, bool, bool]) -> Any:
+    worker, stale, unknown = shape
+    c = _items.c
+    conds = []
+    if unknown:
+        # a purged item takes no answer back (its personal data was removed on purpose)
+        conds.append(
+            and_(c.status == ItemStatus.FAILED.value, c.reason == UNKNOWN, c.purged_at.is_(None))
+        )
+    if worker:
+        conds.append(
+            and_(c.status == ItemStatus.SUBMITTING.value, c.claimed_by == bindparam("g_worker"))
+        )
+    if stale:
+        conds.append(c.status == ItemStatus.QUEUED.value)
+        conds.append(
+            and_(
+                c.status == ItemStatus.SUBMITTING.value,
+                c.claimed_at < bindparam("g_stale_before"),
+            )
+        )
+        conds.append(c.status == ItemStatus.PAUSED.value)
     return or_(*conds)
 
 
-def held_by(worker: str) -> Any:
+def answerable(worker: str | None = None, stale_before: datetime | None = None) -> Guard:
+    """Items a paid answer may still be written to: the claim ``worker`` holds; with
+    ``stale_before``, also claims abandoned since and items waiting for a message; and an item
+    failed as ``unknown`` (its answer was lost with its worker) whose answer turns up later."""
+    return Guard(worker=worker, stale_before=stale_before, unknown=True)
+
+
+def held_by(worker: str) -> Guard:
     """The claim ``worker`` holds."""
-    return and_(Item.status == ItemStatus.SUBMITTING, Item.claimed_by == worker[:128])
+    return Guard(worker=worker)
 
 
-def settle(session: Session, item_id: int, status: str, guard: Any, **values: Any) -> bool:
+_settle_statements: dict[tuple[Any, ...], Any] = {}
+
+
+def settle(session: Session, item_id: int, status: str, guard: Guard, **values: Any) -> bool:
     """Set a final (or parked) status only where ``guard`` still holds; False if it did not
-    (the claim was taken over meanwhile)."""
-    res = session.execute(
-        update(Item)
-        .where(Item.id == item_id, guard)
-        .values(status=status, updated_at=utcnow(), **values)
-        .execution_options(synchronize_session=False)
-    )
+    (the claim was taken over meanwhile). One prebuilt statement per guard shape and set of
+    columns."""
+    key = (guard.shape(), tuple(sorted(values)))
+    stmt = _settle_statements.get(key)
+    if stmt is None:
+        stmt = (
+            update(_items)
+            .where(_items.c.id == bindparam("p_id"), _guard_clause(guard.shape()))
+            .values(
+                status=bindparam("p_status"),
+                updated_at=bindparam("p_now"),
+                **{k: bindparam(f"v_{k}") for k in values},
+            )
+        )
+        _settle_statements[key] = stmt
+    params = {"p_id": item_id, "p_status": str(status), "p_now": utcnow(), **guard.params()}
+    params.update({f"v_{k}": v for k, v in values.items()})
+    res = session.connection().execute(stmt, params)
     return cast("CursorResult[Any]", res).rowcount == 1
 
 
@@ -493,19 +582,27 @@ def set_status(session: Session, item_id: int, status: str, **values: Any) -> No
     )
 
 
+_INSERT_ATTEMPT = (
+    insert(_attempts)
+    .values(
+        item_id=bindparam("p_item"),
+        number=bindparam("p_number"),
+        provider=bindparam("p_provider"),
+        started_at=bindparam("p_now"),
+    )
+    .returning(_attempts.c.id)
+)
+_COUNT_ATTEMPTS = (
+    update(_items).where(_items.c.id == bindparam("p_item")).values(attempts=bindparam("p_number"))
+)
+
+
 def insert_attempt(session: Session, item_id: int, number: int, provider: str) -> int:
     """An attempt row before its call (Core: the hot path); the item counts ``number`` calls."""
-    attempt_id = session.execute(
-        insert(Attempt)
-        .values(item_id=item_id, number=number, provider=provider, started_at=utcnow())
-        .returning(Attempt.id)
-    ).scalar_one()
-    session.execute(
-        update(Item)
-        .where(Item.id == item_id)
-        .values(attempts=number)
-        .execution_options(synchronize_session=False)
-    )
+    conn = session.connection()
+    params = {"p_item": item_id, "p_number": number, "p_provider": provider, "p_now": utcnow()}
+    attempt_id = conn.execute(_INSERT_ATTEMPT, params).scalar_one()
+    conn.execute(_COUNT_ATTEMPTS, params)
     return int(attempt_id)
 
 
@@ -539,6 +636,21 @@ def delete_attempt(session: Session, attempt_id: int) -> None:
         )
 
 
+_FINISH_ATTEMPT = (
+    update(_attempts)
+    .where(_attempts.c.id == bindparam("p_id"))
+    .values(
+        outcome=bindparam("p_outcome"),
+        code=bindparam("p_code"),
+        msg=bindparam("p_msg"),
+        http_status=bindparam("p_http_status"),
+        elapsed_ms=bindparam("p_elapsed_ms"),
+        ocrid=bindparam("p_ocrid"),
+        finished_at=bindparam("p_now"),
+    )
+)
+
+
 def finish_attempt(
     session: Session,
     attempt_id: int,
@@ -550,25 +662,26 @@ def finish_attempt(
     elapsed_ms: int,
     ocrid: str | None,
 ) -> None:
-    session.execute(
-        update(Attempt)
-        .where(Attempt.id == attempt_id)
-        .values(
-            outcome=outcome,
-            code=code,
-            msg=msg,
-            http_status=http_status,
-            elapsed_ms=elapsed_ms,
-            ocrid=ocrid,
-            finished_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
+    session.connection().execute(
+        _FINISH_ATTEMPT,
+        {
+            "p_id": attempt_id,
+            "p_outcome": outcome,
+            "p_code": code,
+            "p_msg": msg,
+            "p_http_status": http_status,
+            "p_elapsed_ms": elapsed_ms,
+            "p_ocrid": ocrid,
+            "p_now": utcnow(),
+        },
     )
 
 
 def save_result(session: Session, values: dict[str, Any]) -> None:
-    """The item's result (Core INSERT: an item is settled once, guarded by its claim)."""
-    session.execute(insert(Result).values(**values))
+    """The item's result (Core INSERT: an item is settled once, guarded by its claim). The
+    personal fields are sealed by their column types; the ID number's blind index is added."""
+    index = active_ring().blind_index(values.get("id_number"))
+    session.connection().execute(insert(_results), {**values, "id_number_index": index})
 
 
 _PAIR_FIELDS = (Result.date_of_birth, Result.id_number, Result.valid_from, Result.valid_to)
