@@ -194,7 +194,7 @@ def item_data(
 
 def pause_data(provider: str, account: str, kind: str, reason: str) -> dict[str, Any]:
     """What ``queue.paused`` keeps: the provider account, the kind of pause and why."""
-    return {"provider": provider, "account": account, "kind": kind, "reason": reason}
+    return {"provider": provider, "account": account, "pause": kind, "reason": reason}
 
 
 def webhook_configured(settings: Settings) -> bool:

@@ -489,8 +489,7 @@ def event_body(ev: Event, record: dict[str, Any] | None) -> dict[str, Any]:
     if ev.item_id is not None:
         body["item_id"] = ev.item_id
     if ev.kind != ITEM_FINISHED:
-        body.update(data)
-        return body
+        return {**data, **body}  # the common keys win over anything of the same name
     rec = record or {}
     body.update(
         status=data.get("status"),

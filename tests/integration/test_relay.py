@@ -315,3 +315,19 @@ def test_unknown_state_refused(pg_url: str) -> None:
     with unit_of_work(pg_url) as s:
         emit(s, "queue.paused", data={"provider": "p"})
         assert [e.kind for e in relay_mod.list_events(s, state="unpublished")] == ["queue.paused"]
+
+
+def test_pause_and_resume_are_events_once_each(pg_url: str, redis_url: str, clean_env: Path) -> None:
+    from pipeline.config import Settings
+    from pipeline.workflows import control
+
+    settings = Settings(database_url=pg_url, redis_url=redis_url)
+    control.pause(settings, "sandbox", "acct", "operator", "paused by the operator")
+    control.pause(settings, "sandbox", "acct", "operator", "paused by the operator")  # open already
+    control.resume(settings, "sandbox", "acct", enqueue=lambda ids: None)
+    control.resume(settings, "sandbox", "acct", enqueue=lambda ids: None)  # nothing open
+    assert _relay(pg_url, redis_url).run_once().published == 2
+    bodies = [json.loads(e[1][b"body"]) for e in redis.Redis.from_url(redis_url).xrange("idocr:results")]
+    assert [(b["kind"], b.get("pause"), b["provider"]) for b in bodies] == [
+        ("queue.paused", "operator", "sandbox"), ("queue.resumed", None, "sandbox")]
+    assert bodies[0]["reason"] == "paused by the operator" and bodies[1]["by"] == "operator"
