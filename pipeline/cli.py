@@ -24,6 +24,7 @@ from rich.table import Table
 from pipeline.config import (
     SANDBOX_ACCOUNT,
     SANDBOX_KEY,
+    UNENCRYPTED_WARNING,
     ConfigError,
     Settings,
     get_settings,
@@ -31,9 +32,12 @@ from pipeline.config import (
     settings_error_message,
 )
 from pipeline.domain.masking import redact_text
+from pipeline.events_cli import events as events_group
+from pipeline.intake_cli import submit_command
 from pipeline.locations import scheme_of
 from pipeline.logs import configure_logging
 from pipeline.metrics import build_registry, serve
+from pipeline.outputs.events import Outbox
 from pipeline.outputs.files import OutputError, open_output, write_batch_output
 from pipeline.outputs.records import records, write_csv, write_jsonl
 from pipeline.queue import load_queue
@@ -52,6 +56,7 @@ from pipeline.storage.models import Batch
 from pipeline.workflows import control, producer
 from pipeline.workflows.local import local_services, local_workers, start_sandbox, worker_command
 from pipeline.workflows.producer import new_batch_id
+from pipeline.workflows.relay import RelayThread, build_relay
 from pipeline.workflows.status import (
     RATE_WINDOW,
     NoSuchBatch,
@@ -84,6 +89,12 @@ def _schema(settings: Settings) -> None:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_schema(settings.resolved_database_url)
+
+
+def _warn_unencrypted(settings: Settings) -> None:
+    """The embedded database may run without a key: say so where work starts."""
+    if not settings.encrypts_data:
+        err.print(f"[yellow]warning: {UNENCRYPTED_WARNING}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -288,6 +299,7 @@ def run(
     """
 
     settings = _settings()
+    _warn_unencrypted(settings)
     src, batch_id = _prepare_scan(settings, source, batch_id)
     started = time.monotonic()
     with (
@@ -296,6 +308,8 @@ def run(
     ):
         queue = load_queue(settings)
         enqueue_items = queue.enqueue
+        # the events outbox (docs/events.md): published from here too, drained before the end
+        relay = RelayThread(build_relay(settings)).start() if settings.relay else None
         provider = build_provider(settings)
         url = settings.resolved_database_url
         reading = control.check_balance(settings, provider, queue.enqueue, queue.set_consuming)
@@ -317,6 +331,7 @@ def run(
                     limits=None,
                     on_chunk=on_chunk,
                     via=via,
+                    outbox=Outbox.from_settings(settings),
                 )
             except (SourceError, ValueError) as exc:
                 raise click.ClickException(str(exc)) from None
@@ -330,6 +345,8 @@ def run(
                 err.print("[yellow]interrupted: the workers finish their current calls and stop")
                 code = EXIT_INCOMPLETE
         provider.close()
+        if relay is not None:
+            relay.drain_and_stop()
     print_summary(settings, batch_id)
     err.print(
         f"batch [bold]{batch_id}[/]: {_scan_report(report)}; {time.monotonic() - started:.1f} s"
@@ -430,12 +447,36 @@ def scan(
             provider=settings.resolved_provider,
             enqueue=load_queue(settings).enqueue,
             via=via,
+            outbox=Outbox.from_settings(settings),
         )
     except (SourceError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     err.print(_scan_report(rep))
     _requeue_batch(settings, batch_id, rep, retry_failed, retry_unknown)
     click.echo(batch_id)
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--key", required=True, help="Your idempotency key: the same key is done once.")
+@click.option("--side", type=click.Choice(["front", "back"]), help="The card's side, if known.")
+@click.option("--batch", "batch_id", help="Batch to add it to (default: intake-YYYYMMDD).")
+@click.option("--metadata", help="A small JSON object, echoed back in the request's events.")
+@click.option("--wait", type=float, help="Wait up to this many seconds for the result.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result event as JSON.")
+def submit(
+    image: str,
+    key: str,
+    side: str | None,
+    batch_id: str | None,
+    metadata: str | None,
+    wait: float | None,
+    as_json: bool,
+) -> int:
+    """Hand one IMAGE over as another system would (docs/intake.md): a path under
+    IDOCR_INTAKE_ROOTS, s3://bucket/key or an https:// URL. Workers started elsewhere do the
+    work; with --wait the result is printed (personal data masked)."""
+    return submit_command(_settings(), image, key, side, batch_id, metadata, wait, as_json)
 
 
 @cli.command()
@@ -461,6 +502,7 @@ def scan(
 def worker(concurrency: int | None, pool: str, name: str, beat: bool, loglevel: str) -> None:
     """Run a Celery worker on the OCR queue (`celery -A workers.app worker`, idocr's defaults)."""
     settings = _settings()
+    _warn_unencrypted(settings)
     _schema(settings)
     cmd = worker_command(settings, concurrency or settings.concurrency, name, beat)
     cmd += ["--pool", pool, "--loglevel", loglevel]
@@ -895,11 +937,129 @@ def health() -> None:
     click.echo("ok")
 
 
+# -- data protection (README "Data protection") -------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """The keys personal data is encrypted with at rest (IDOCR_DATA_KEYS)."""
+
+
+@keys.command("new")
+def keys_new() -> None:
+    """Print a fresh key entry for IDOCR_DATA_KEYS (nothing is stored)."""
+    from pipeline.storage.crypto import new_key_entry
+
+    entry = new_key_entry()
+    click.echo(entry)
+    err.print(
+        "first key: IDOCR_DATA_KEYS=<this entry>; a new key for a rotation goes first, the old "
+        'ones stay after it: IDOCR_DATA_KEYS="<this entry>,$IDOCR_DATA_KEYS", restart the '
+        "workers, then `idocr keys rotate`"
+    )
+
+
+@keys.command("rotate")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Rows re-encrypted per transaction.",
+)
+def keys_rotate(batch_size: int) -> None:
+    """Re-encrypt every stored value not under the first key of IDOCR_DATA_KEYS (and the ID
+    numbers' blind index). Safe while workers run; stop and run it again at will."""
+    from pipeline.storage.crypto import CryptoError, active_ring
+    from pipeline.workflows.keys import rotate
+
+    settings = _settings()
+    if not settings.encrypts_data:
+        raise click.ClickException(
+            "IDOCR_DATA_KEYS is not set: there is no key to encrypt with (`idocr keys new`)"
+        )
+    _schema(settings)
+    ring = active_ring()
+    err.print(f"re-encrypting under key {ring.current_kid} (keys in the ring: {len(ring.kids)})")
+    try:
+        rep = rotate(settings.resolved_database_url, batch_size=batch_size)
+    except CryptoError as exc:  # names the key id and the column, never data
+        raise click.ClickException(str(exc)) from None
+    for label, n in sorted(rep.resealed.items()):
+        click.echo(f"{label}\t{n} re-encrypted")
+    for label, n in sorted(rep.skipped.items()):
+        click.echo(f"{label}\t{n} left as they were (unreadable, or the name is taken)")
+    click.echo(f"total\t{rep.total} re-encrypted in {rep.passes} pass(es)")
+    if rep.remaining or rep.skipped:
+        err.print(
+            f"[yellow]{rep.remaining} value(s) still under an older key: workers still running "
+            "with the old IDOCR_DATA_KEYS? Restart them with the new one and run this again"
+            if rep.remaining
+            else "[yellow]some values were left as they were (above)"
+        )
+        sys.exit(EXIT_INCOMPLETE)
+    err.print(f"every value is under key {rep.kid}: older keys may be removed from the ring")
+
+
+@cli.command()
+@click.option("--id-number", "id_number", required=True, help="The ID number to look for.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per match on stdout.")
+def find(id_number: str, as_json: bool) -> None:
+    """Find the recognised cards with an ID number (by its blind index: nothing is decrypted to
+    search). Personal fields are shown masked; `idocr export` writes them in full."""
+    import json
+
+    from pipeline.domain.masking import mask_fields, mask_file_name
+    from pipeline.storage.crypto import CryptoError
+    from pipeline.workflows.keys import find_by_id_number
+
+    settings = _settings()
+    _schema(settings)
+    with unit_of_work(settings.resolved_database_url, read_only=True) as s:
+        try:
+            found = find_by_id_number(s, id_number)
+        except CryptoError as exc:
+            raise click.ClickException(str(exc)) from None
+        rows = []
+        for f in found:
+            fields = mask_fields(
+                {k: getattr(f.result, k) for k in ("name", "id_number", "date_of_birth")}
+            )
+            for it in [f.item, *f.duplicates]:
+                rows.append(
+                    {
+                        "item": it.id,
+                        "batch": it.batch_id,
+                        "source": mask_file_name(it.source_uri),
+                        "status": it.status,
+                        "side": f.result.side,
+                        "duplicate_of": f.item.id if it is not f.item else None,
+                        **fields,
+                    }
+                )
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, ensure_ascii=False))
+    else:
+        # one line per item, tab-separated: never wrapped or cut at the terminal's width
+        columns = ("item", "batch", "status", "side", "name", "id_number", "source")
+        if rows:
+            click.echo("\t".join(columns))
+        for row in rows:
+            click.echo("\t".join(str(row[k] if row[k] is not None else "") for k in columns))
+        err.print(f"{len(rows)} item(s) found; `idocr export BATCH` writes their fields in full")
+    if not rows:
+        sys.exit(EXIT_ERROR)
+
+
 def _one_line(exc: BaseException) -> str:
     """The first line of an error from a library, ID numbers masked."""
 
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return redact_text(text[0] if text else type(exc).__name__)
+
+
+cli.add_command(events_group, "events")
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -26,7 +26,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-SECRET_FIELDS = frozenset({"ihuyi_api_key", "showapi_app_key"})
+SECRET_FIELDS = frozenset({"ihuyi_api_key", "showapi_app_key", "data_keys", "webhook_secret"})
 
 ProviderName = Literal["local", "sandbox", "ihuyi", "showapi"]
 
@@ -34,6 +34,13 @@ ProviderName = Literal["local", "sandbox", "ihuyi", "showapi"]
 SANDBOX_ACCOUNT = "sandbox"
 LOCAL_ACCOUNT = "local"  # the local engine has no account; pauses are still kept per account
 SANDBOX_KEY = "sandbox-key"  # not a secret: the local emulator's fixed credentials
+
+
+#: said where work starts on the embedded database without IDOCR_DATA_KEYS
+UNENCRYPTED_WARNING = (
+    "IDOCR_DATA_KEYS is not set: personal data (names, ID numbers, addresses) is stored "
+    "unencrypted in the embedded database; `idocr keys new` creates a key"
+)
 
 
 class ConfigError(ValueError):
@@ -90,6 +97,41 @@ def check_database_url(url: str) -> None:
         ) from None
 
 
+class ScheduleSpec(BaseModel):
+    """A scan the beat starts on a cron schedule (``[[schedules]]`` in the TOML profile)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: a folder or s3://bucket/prefix
+    source: str
+    #: five-field cron expression, in UTC
+    cron: str
+    #: the batch name, formatted with ``name`` and ``date`` (the run's due time, UTC)
+    batch: str = "{name}-{date:%Y%m%d-%H%M}"
+    via: Literal["bytes", "url"] = "bytes"
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, v: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(v):
+            raise ValueError("not a valid cron expression (five fields, e.g. '0 2 * * *')")
+        return v
+
+    @field_validator("batch")
+    @classmethod
+    def _check_batch(cls, v: str) -> str:
+        from datetime import UTC, datetime
+
+        try:
+            v.format(name="x", date=datetime(2000, 1, 1, tzinfo=UTC))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"batch template cannot be formatted ({type(exc).__name__})") from None
+        return v
+
+
 class _TomlProfile(PydanticBaseSettingsSource):
     """Reads the profile named by IDOCR_CONFIG; refuses secrets in it."""
 
@@ -107,7 +149,8 @@ class _TomlProfile(PydanticBaseSettingsSource):
             if found:
                 raise ConfigError(
                     f"{p} sets {', '.join(sorted(found))}: secrets are read from the "
-                    "environment only (IDOCR_IHUYI_API_KEY, IDOCR_SHOWAPI_APP_KEY)"
+                    "environment only (IDOCR_IHUYI_API_KEY, IDOCR_SHOWAPI_APP_KEY, "
+                    "IDOCR_DATA_KEYS, IDOCR_WEBHOOK_SECRET)"
                 )
             self._data = data
 
@@ -134,6 +177,11 @@ class Settings(BaseSettings):
     queue: str = "ocr"
     #: the work queue implementation (``module:factory`` taking the settings)
     queue_backend: str = "workers.queue:CeleryQueue"
+
+    #: The key ring personal data is encrypted with at rest (README "Data protection"):
+    #: comma-separated ``kid:base64(32 bytes)`` entries, the first one writes, all of them read
+    #: (``idocr keys new`` prints an entry). Required for any database but the embedded SQLite.
+    data_keys: SecretStr | None = None
 
     # -- provider ----------------------------------------------------------------------------
     #: Unset: ihuyi (or showapi) when its credentials are configured, else the local OCR engine.
@@ -237,6 +285,46 @@ class Settings(BaseSettings):
     #: items purged per transaction
     retention_chunk: int = 1000
 
+    # -- intake (docs/intake.md) -----------------------------------------------------------------
+    #: the Redis stream other systems hand requests to, consumed by the workers as one group
+    intake_stream: str = "idocr:intake"
+    intake_group: str = "idocr"
+    #: folders whose files a request may name by path (resolved after symbolic links; several
+    #: separated by ':'); unset: requests naming a path are refused
+    intake_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    #: fetch https:// images from private, loopback, link-local or other internal addresses
+    intake_allow_private: bool = False
+    #: every worker process consumes the intake stream in a thread of its own
+    intake_consumer: bool = True
+    #: an entry a consumer took but has not acknowledged for this long is taken over (seconds)
+    intake_claim_idle: float = 60.0
+
+    # -- events (docs/events.md) ---------------------------------------------------------------
+    #: the Redis stream every event is published to, capped at about results_maxlen entries
+    results_stream: str = "idocr:results"
+    results_maxlen: int = 1_000_000
+    #: lifetime of a request's result key ``idocr:result:<idempotency key>`` (seconds)
+    result_ttl: int = 7 * 86400
+    #: publish the outbox from this process (workers, `idocr run`); off: another process does
+    relay: bool = True
+    #: seconds between the relay's looks at the outbox when it is not woken up
+    relay_interval: float = 0.2
+    #: events per relay transaction (one pipelined XADD round trip)
+    relay_batch: int = 100
+    #: POST every event here, signed with webhook_secret (environment only); unset: no webhook
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    #: a delivery is retried (exponential backoff from webhook_retry_initial, capped at
+    #: webhook_retry_max, jittered) until the waits add up to webhook_retry_for, then dead
+    webhook_retry_for: float = 86400.0
+    webhook_retry_initial: float = 5.0
+    webhook_retry_max: float = 1800.0
+    webhook_timeout: float = 10.0
+    #: scans started by the beat (``[[schedules]]`` in the TOML profile; README "Schedules")
+    schedules: list[ScheduleSpec] = Field(default_factory=list)
+    #: seconds between the beat's looks at the schedules
+    schedule_tick: float = 60.0
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, v: Any) -> Any:
@@ -244,7 +332,7 @@ class Settings(BaseSettings):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 
-    @field_validator("sandbox_truth", mode="before")
+    @field_validator("sandbox_truth", "intake_roots", mode="before")
     @classmethod
     def _split_paths(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -330,7 +418,48 @@ class Settings(BaseSettings):
                 "IDOCR_MAX_PIXELS, IDOCR_RETENTION_INTERVAL and IDOCR_RETENTION_CHUNK must be "
                 "positive"
             )
+        self._check_data_keys()
+        self._check_events()
         return self
+
+    def _check_events(self) -> None:
+        if self.webhook_url and not (
+            self.webhook_secret and self.webhook_secret.get_secret_value()
+        ):
+            raise ConfigError(
+                "IDOCR_WEBHOOK_URL needs IDOCR_WEBHOOK_SECRET (the receiver checks every "
+                "delivery's signature with it)"
+            )
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError("IDOCR_WEBHOOK_URL must be an http:// or https:// URL")
+        if (
+            min(self.relay_interval, self.webhook_retry_for, self.webhook_retry_initial) <= 0
+            or self.webhook_retry_max < self.webhook_retry_initial
+            or self.relay_batch < 1
+        ):
+            raise ConfigError(
+                "IDOCR_RELAY_INTERVAL, IDOCR_WEBHOOK_RETRY_FOR and IDOCR_WEBHOOK_RETRY_INITIAL "
+                "must be positive, IDOCR_WEBHOOK_RETRY_MAX at least the initial wait and "
+                "IDOCR_RELAY_BATCH at least 1"
+            )
+        names = [s.name for s in self.schedules]
+        if len(names) != len(set(names)):
+            raise ConfigError("[[schedules]]: every schedule needs a name of its own")
+
+    def _check_data_keys(self) -> None:
+        from pipeline.storage.crypto import KeyRing, KeyRingError
+
+        spec = self.data_keys.get_secret_value() if self.data_keys else ""
+        try:
+            enabled = KeyRing.parse(spec).enabled
+        except KeyRingError as exc:
+            raise ConfigError(str(exc)) from None
+        if not enabled and not self.embedded_database:
+            raise ConfigError(
+                "IDOCR_DATA_KEYS is not set: personal data is stored encrypted in any database "
+                "but the embedded SQLite one; create a key with `idocr keys new` and set "
+                "IDOCR_DATA_KEYS to it (keep it with the other secrets)"
+            )
 
     @classmethod
     def settings_customise_sources(
@@ -371,6 +500,24 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'idocr.db').resolve()}"
+
+    @property
+    def embedded_database(self) -> bool:
+        """The default database: SQLite inside the data folder (the only one that may hold
+        personal data without a key)."""
+        if not self.database_url:
+            return True
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url)
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+            return False
+        return Path(url.database).resolve().is_relative_to(self.data_dir.resolve())
+
+    @property
+    def encrypts_data(self) -> bool:
+        """Personal data is sealed with IDOCR_DATA_KEYS (False: embedded, stored in clear)."""
+        return bool(self.data_keys and self.data_keys.get_secret_value().strip())
 
     @property
     def retention_age(self) -> timedelta | None:

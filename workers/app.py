@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 from celery import Celery, signals
 from kombu import Queue
@@ -77,6 +78,14 @@ if settings.retention_age is not None:
         "schedule": settings.retention_interval,
         "options": {"expires": settings.retention_interval},
     }
+if settings.schedules:
+    # scheduled scans (README "Schedules"): the tick hands each due schedule to a worker
+    app.conf.task_routes["idocr.schedules.*"] = {"queue": CONTROL_QUEUE}
+    app.conf.beat_schedule["schedules"] = {
+        "task": "idocr.schedules.tick",
+        "schedule": settings.schedule_tick,
+        "options": {"expires": settings.schedule_tick},
+    }
 if not _pool_given(sys.argv):
     # The work is waiting on the provider (HTTP), the rate limiter and the database: threads
     # keep many calls in flight per process at little memory. `-P prefork` is honoured.
@@ -108,6 +117,15 @@ if (os.environ.get("IDOCR_LOG_FORMAT") or "text").lower() == "json":
 
 
 @signals.worker_ready.connect
+def _warn_unencrypted(**_: object) -> None:
+    # the embedded database may run without IDOCR_DATA_KEYS (any other is refused at start)
+    if not settings.encrypts_data:
+        from pipeline.config import UNENCRYPTED_WARNING
+
+        log.warning("%s", UNENCRYPTED_WARNING)
+
+
+@signals.worker_ready.connect
 def _serve_metrics(**_: object) -> None:
     # this host's counters on IDOCR_METRICS_PORT (every pool process writes them to
     # PROMETHEUS_MULTIPROC_DIR)
@@ -117,6 +135,62 @@ def _serve_metrics(**_: object) -> None:
         serve_worker_metrics(settings)
     except OSError as exc:
         log.warning("metrics not served (%s)", exc)
+
+
+_intake_stop: threading.Event | None = None
+
+
+@signals.worker_ready.connect
+def _consume_intake(**_: object) -> None:
+    # requests other systems add to the intake stream (docs/intake.md): one consumer of the
+    # group per worker process, enqueueing through this worker's queue
+    global _intake_stop
+    if not settings.intake_consumer:
+        return
+    try:
+        import redis
+
+        from pipeline.coordination.redisconn import redis_url
+        from pipeline.workflows.intake import start_consumer
+        from workers.tasks import QUEUE
+
+        client = redis.Redis.from_url(
+            redis_url(settings), socket_timeout=30, socket_connect_timeout=10
+        )
+        _intake_stop = start_consumer(settings, QUEUE.enqueue, client)[1]
+    except Exception:
+        log.warning("intake consumer not started", exc_info=True)
+
+
+@signals.worker_shutdown.connect
+def _stop_intake(**_: object) -> None:
+    if _intake_stop is not None:
+        _intake_stop.set()
+
+
+_relay: object | None = None
+
+
+@signals.worker_ready.connect
+def _start_relay(**_: object) -> None:
+    # the events outbox published from every worker (docs/events.md); IDOCR_RELAY=0: elsewhere
+    global _relay
+    if not settings.relay:
+        return
+    try:
+        from pipeline.workflows.relay import RelayThread, build_relay
+
+        _relay = RelayThread(build_relay(settings)).start()
+    except Exception:
+        log.warning("event relay not started", exc_info=True)
+
+
+@signals.worker_shutdown.connect
+def _stop_relay(**_: object) -> None:
+    from pipeline.workflows.relay import RelayThread
+
+    if isinstance(_relay, RelayThread):
+        _relay.stop()
 
 
 @signals.worker_init.connect

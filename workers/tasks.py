@@ -128,6 +128,28 @@ def retention() -> str:
     return f"{rep.items} items purged"
 
 
+@app.task(name="idocr.schedules.tick", ignore_result=True)
+def schedules_tick() -> str:
+    """Hand every schedule that is due and not yet run to a worker."""
+    from pipeline.workflows.schedules import build_scheduler
+
+    due = build_scheduler(settings, QUEUE.enqueue).due()
+    for name, when in due:
+        schedules_run.delay(name, when.isoformat())
+    return f"{len(due)} schedules due"
+
+
+@app.task(name="idocr.schedules.run", ignore_result=True)
+def schedules_run(name: str, due: str) -> str:
+    """One scheduled scan (started once per due time: a lock and the last run done)."""
+    from datetime import datetime
+
+    from pipeline.workflows.schedules import build_scheduler
+
+    res = build_scheduler(settings, QUEUE.enqueue).run(name, datetime.fromisoformat(due))
+    return f"{name}: {res.batch or '-'} {res.detail}"
+
+
 @app.task(name="idocr.balance.check", ignore_result=True)
 def balance_check() -> None:
     from pipeline.workflows.control import balance_due, check_balance

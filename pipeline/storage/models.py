@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from pipeline.storage.names import SealedName
+from pipeline.storage.sealed import SealedJSON, SealedText
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -162,7 +163,11 @@ class Attempt(Base):
 
 
 class Result(TimestampMixin, Base):
-    """The normalised record of a recognised card, one per succeeded item."""
+    """The normalised record of a recognised card, one per succeeded item.
+
+    Every personal field, the checks (they quote the partner's file name) and the provider's
+    raw answer are sealed at rest with ``IDOCR_DATA_KEYS`` (:mod:`pipeline.storage.sealed`);
+    ``id_number_index`` is the ID number's blind index, the only way to look a card up."""
 
     __tablename__ = "results"
 
@@ -171,18 +176,20 @@ class Result(TimestampMixin, Base):
     )
     provider: Mapped[str] = mapped_column(String(32))
     side: Mapped[str | None] = mapped_column(String(8))
-    name: Mapped[str | None] = mapped_column(Text)
-    gender: Mapped[str | None] = mapped_column(String(8))
-    ethnicity: Mapped[str | None] = mapped_column(String(32))
-    date_of_birth: Mapped[str | None] = mapped_column(String(10))
-    domicile: Mapped[str | None] = mapped_column(Text)
-    id_number: Mapped[str | None] = mapped_column(String(32))
-    issue_authority: Mapped[str | None] = mapped_column(Text)
-    valid_from: Mapped[str | None] = mapped_column(String(10))
-    valid_to: Mapped[str | None] = mapped_column(String(10))
+    name: Mapped[str | None] = mapped_column(SealedText("results.name"))
+    gender: Mapped[str | None] = mapped_column(SealedText("results.gender"))
+    ethnicity: Mapped[str | None] = mapped_column(SealedText("results.ethnicity"))
+    date_of_birth: Mapped[str | None] = mapped_column(SealedText("results.date_of_birth"))
+    domicile: Mapped[str | None] = mapped_column(SealedText("results.domicile"))
+    id_number: Mapped[str | None] = mapped_column(SealedText("results.id_number"))
+    issue_authority: Mapped[str | None] = mapped_column(SealedText("results.issue_authority"))
+    valid_from: Mapped[str | None] = mapped_column(SealedText("results.valid_from"))
+    valid_to: Mapped[str | None] = mapped_column(SealedText("results.valid_to"))
+    #: ``<kid>:<hex HMAC-SHA256>`` of the normalised ID number (None without a key)
+    id_number_index: Mapped[str | None] = mapped_column(String(100), index=True)
     quality: Mapped[list[str] | None] = mapped_column(JsonType)
-    checks: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
-    raw: Mapped[Any] = mapped_column(JsonType)
+    checks: Mapped[dict[str, Any] | None] = mapped_column(SealedJSON("results.checks"))
+    raw: Mapped[Any] = mapped_column(SealedJSON("results.raw"))
 
 
 class Pause(Base):
