@@ -38,6 +38,7 @@ from pipeline.storage.crypto import (
     KeyRing,
     UnknownKeyError,
     active_ring,
+    is_token,
 )
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Base, Item, Result
@@ -81,14 +82,27 @@ def _current_prefix(sc: SealedColumn, kid: str) -> str:
     return '"' + prefix if sc.kind == "json" else prefix
 
 
+#: a row whose personal data retention removed keeps placeholders written in clear on purpose
+PURGED_COLUMN = "purged_at"
+
+
 def _stale(sc: SealedColumn, kid: str) -> Any:
     """SQL: the column holds a value not sealed under ``kid`` (a value written without a key
-    included; JSON null excluded)."""
+    included, except a purged row's placeholders; JSON null excluded)."""
     text = cast(sc.column, Text)
     prefix = _current_prefix(sc, kid)
     cond = and_(sc.column.is_not(None), func.substr(text, 1, len(prefix)) != prefix)
     if sc.kind == "json":
         cond = and_(cond, text != "null")
+    if PURGED_COLUMN in sc.table.c:
+        token_start = func.substr(text, 1, len(prefix) - len(kid) - 1)
+        cond = and_(
+            cond,
+            or_(
+                sc.table.c[PURGED_COLUMN].is_(None),
+                token_start.in_([AEAD_PREFIX, FIXED_PREFIX, '"' + AEAD_PREFIX]),
+            ),
+        )
     return cond
 
 
@@ -147,6 +161,7 @@ def _reseal_rows(
     for row in rows:
         values: dict[str, Any] = {}
         plain: dict[str, Any] = {}
+        purged = row._mapping.get(PURGED_COLUMN) is not None
         for sc in cols:
             raw = row._mapping[sc.column.name]
             if raw is None:
@@ -154,6 +169,8 @@ def _reseal_rows(
             stale = not raw.startswith(_current_prefix(sc, kid)) and not (
                 sc.kind == "json" and raw == "null"
             )
+            if stale and purged and not is_token(json.loads(raw) if sc.kind == "json" else raw):
+                stale = False
             needed = stale or (index is not None and sc.column.name == index[1])
             if not needed:
                 continue
@@ -201,6 +218,8 @@ def _rotate_pass(
     if index_cond is not None:
         conds.append(index_cond)
     extra = [table.c[INDEXES[table.name][0]]] if table.name in INDEXES else []
+    if PURGED_COLUMN in table.c:
+        extra.append(table.c[PURGED_COLUMN])
     done = 0
     last: Any = None
     while True:
