@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_s3_list import upload
 from pipeline.s3 import make_s3_client
+from pipeline.storage.crypto import new_key_entry
 
 # the child prints its own peak RSS after the scan
 CHILD = (
@@ -93,6 +94,7 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if not k.startswith("IDOCR_")}
             env.update(IDOCR_DATABASE_URL=db_url, IDOCR_REDIS_URL=args.redis_url,
                        IDOCR_S3_ENDPOINT_URL=args.endpoint_url, IDOCR_DATA_DIR=str(Path(tmp) / ".idocr"),
+                       IDOCR_DATA_KEYS=os.environ.get("IDOCR_DATA_KEYS") or new_key_entry("bench"),
                        AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
                        AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"],
                        AWS_DEFAULT_REGION=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))

@@ -17,10 +17,15 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, text
 
+from pipeline.storage.crypto import new_key_entry
 from pipeline.storage.db import engine_for, upgrade
 
 IDOCR = [sys.executable, "-m", "pipeline.cli"]
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# Personal data is encrypted at rest (PostgreSQL refuses to start without a key): the benchmarks
+# measure with a key, theirs or a fresh one, in this process and in every `idocr` they start.
+DATA_KEYS = os.environ.get("IDOCR_DATA_KEYS") or new_key_entry("bench")
+os.environ["IDOCR_DATA_KEYS"] = DATA_KEYS
 
 
 class RemoteSandbox:
@@ -82,7 +87,7 @@ def worker_env(sandbox: RemoteSandbox, db_url: str, redis_url: str, work: Path, 
     env.update(
         IDOCR_PROVIDER="ihuyi", IDOCR_IHUYI_BASE_URL=sandbox.url, IDOCR_IHUYI_ACCOUNT="sandbox",
         IDOCR_IHUYI_API_KEY="sandbox-key", IDOCR_DATABASE_URL=db_url, IDOCR_REDIS_URL=redis_url,
-        IDOCR_DATA_DIR=str(work / ".idocr"), **settings,
+        IDOCR_DATA_DIR=str(work / ".idocr"), **{"IDOCR_DATA_KEYS": DATA_KEYS, **settings},
     )
     return env
 

@@ -49,6 +49,15 @@ SCHEMES: dict[str, Scheme] = {
         presign=None,
         output="pipeline.outputs.files:open_folder_output",
     ),
+    # one image named by URL (intake requests), fetched by the worker: never scanned or written
+    "https": Scheme(
+        "https",
+        source="pipeline.sources.https:open_location",
+        read="pipeline.sources.https:read_https_uri",
+        head=None,
+        presign=None,
+        output="pipeline.sources.https:open_output",
+    ),
 }
 
 

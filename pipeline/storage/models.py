@@ -238,8 +238,9 @@ class Request(Base):
     )
     batch_id: Mapped[str | None] = mapped_column(String(64))
     side: Mapped[str | None] = mapped_column(String(8))
-    #: the caller's metadata, echoed back in its events
-    meta: Mapped[Any] = mapped_column(JsonType)
+    #: the caller's metadata, echoed back in its events; it may hold personal data, so it is
+    #: sealed at rest with the key ring (the same JSON/JSONB column: no migration)
+    meta: Mapped[Any] = mapped_column(SealedJSON("requests.meta"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -1,0 +1,250 @@
+"""Intake on real databases (SQLite and PostgreSQL), real Redis and the sandbox over HTTP: a
+request makes one item and one billed call whatever is sent again under its key; hostile and
+malformed messages are answered (a rejected request and its event), acknowledged, and the
+consumer goes on; a consumer killed with entries pending leaves them to another one, and they
+are handled once. No Celery here (tests/e2e/test_intake_e2e.py runs the workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from pipeline.domain import intake as contract
+from pipeline.domain.intake import IntakeRequest
+from pipeline.storage.db import unit_of_work
+from pipeline.storage.models import Event, Item, Request
+from pipeline.workflows.intake import Intake, StreamConsumer
+from tests.conftest import EXAMPLES, ROOT
+from tests.integration.test_pipeline import make_processor
+
+STREAM = "idocr:intake"
+FRONT = EXAMPLES / "images" / "高娟 正面.jpg"
+
+
+def make_intake(db_url: str, roots: list[Path], sent: list[int], **kw: object) -> Intake:
+    return Intake(database_url=db_url, provider="sandbox", enqueue=sent.extend,
+                  intake_roots=roots, stream=STREAM, **kw)  # type: ignore[arg-type]
+
+
+def rows(db_url: str) -> tuple[list[Request], list[Item], list[Event]]:
+    with unit_of_work(db_url, read_only=True) as s:
+        return (list(s.scalars(select(Request).order_by(Request.id))),
+                list(s.scalars(select(Item).order_by(Item.id))),
+                list(s.scalars(select(Event).order_by(Event.id))))
+
+
+def test_one_key_one_item_one_call(db_url: str, tmp_path: Path, sandbox_factory, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copy(FRONT, root / "card.jpg")
+    sent: list[int] = []
+    intake = make_intake(db_url, [root], sent)
+    req = IntakeRequest(image=str(root / "card.jpg"), key="crm-1", side="front", metadata={"customer": "4711"})
+    first = intake.submit(req, "client")
+    assert (first.status, first.repeat) == ("accepted", False)
+    again = intake.submit(req, "client")
+    # the same key, even with other content, makes nothing new
+    other = intake.submit(IntakeRequest(image="s3://elsewhere/x.jpg", key="crm-1"), "stream")
+    assert again.repeat and other.repeat and again.item_id == other.item_id == first.item_id
+    requests, items, _ = rows(db_url)
+    assert len(requests) == 1 and len(items) == 1
+    r = requests[0]
+    assert (r.channel, r.status, r.side, r.item_id) == ("client", "accepted", "front", items[0].id)
+    assert r.batch_id is not None and r.batch_id.startswith("intake-")
+    assert items[0].fingerprint.startswith("sha256:") and items[0].status == "queued"
+    assert sent == [first.item_id] * 3  # a waiting item is sent again: its claim makes that harmless
+
+    sandbox = sandbox_factory()
+    proc = make_processor(db_url, sandbox, redis_url)
+    assert [proc.process(i) for i in sent].count("succeeded") == 1
+    assert sandbox.stats.billed == 1
+    # answered: a repeat publishes its result again, still without a call
+    before = len(rows(db_url)[2])
+    third = intake.submit(req, "cli")
+    assert third.repeat and third.status == "accepted"
+    events = rows(db_url)[2]
+    assert len(events) == before + 1
+    assert (events[-1].kind, events[-1].request_id, events[-1].item_id) == ("item.finished", r.id, first.item_id)
+    assert events[-1].data["status"] == "succeeded"
+    assert sandbox.stats.billed == 1 and len(rows(db_url)[1]) == 1
+
+
+def test_metadata_is_sealed_at_rest(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import text
+
+    from pipeline.storage.crypto import new_key_entry
+
+    monkeypatch.setenv("IDOCR_DATA_KEYS", new_key_entry("k1"))
+    sent: list[int] = []
+    intake = make_intake(pg_url, [], sent)
+    out = intake.submit(IntakeRequest(image="s3://b/k.jpg", key="k-meta", metadata={"name": "高娟"}), "stream")
+    assert out.status == "accepted"
+    assert rows(pg_url)[1][0].source_uri == "s3://b/k.jpg"
+    with unit_of_work(pg_url, read_only=True) as s:
+        stored = s.execute(text("SELECT meta #>> '{}' FROM requests")).scalar_one()
+    assert stored.startswith("enc1:k1:") and "高娟" not in stored
+    assert rows(pg_url)[0][0].meta == {"name": "高娟"}  # read through the model: opened
+
+
+def test_same_key_at_once_makes_one_request(pg_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copy(FRONT, root / "card.jpg")
+    sent: list[int] = []
+    outcomes = []
+    barrier = threading.Barrier(6)
+
+    def go(i: int) -> None:
+        intake = make_intake(pg_url, [root], sent)
+        barrier.wait()
+        # a new batch too: its creation races as well
+        outcomes.append(intake.submit(IntakeRequest(image=str(root / "card.jpg"), key="race", batch="race-b"), "stream"))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    requests, items, _ = rows(pg_url)
+    assert len(requests) == 1 and len(items) == 1
+    assert sum(not o.repeat for o in outcomes) == 1 and len({o.item_id for o in outcomes}) == 1
+
+
+def hostile_messages(tmp_path: Path, root: Path) -> list[tuple[dict[str, str | bytes], str, str | None]]:
+    """(fields, expected reason, the caller's key when it is usable)."""
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(FRONT, outside)
+    (root / "link.jpg").symlink_to(outside)
+
+    def req(**kw: object) -> dict[str, str | bytes]:
+        return {"request": json.dumps(kw)}
+
+    return [
+        ({"request": "{not json"}, contract.MALFORMED, None),
+        ({"request": b"\xff\xfe\xfd"}, contract.MALFORMED, None),
+        ({"something": "else"}, contract.MALFORMED, None),
+        ({"request": "[]"}, contract.MALFORMED, None),
+        (req(image=str(root / "a.jpg")), contract.NO_KEY, None),
+        (req(image="s3://b/k.jpg", key="k-unknown", colour="x"), contract.INVALID, "k-unknown"),
+        (req(image="s3://b/k.jpg", key="has space"), contract.INVALID, None),
+        (req(image=str(outside), key="k-outside"), contract.LOCATION, "k-outside"),
+        (req(image=str(root / "link.jpg"), key="k-link"), contract.LOCATION, "k-link"),
+        (req(image=str(root / ".." / "outside.jpg"), key="k-dotdot"), contract.LOCATION, "k-dotdot"),
+        (req(image="relative/a.jpg", key="k-relative"), contract.LOCATION, "k-relative"),
+        (req(image=str(root / "missing.jpg"), key="k-missing"), contract.LOCATION, "k-missing"),
+        (req(image=str(root), key="k-folder"), contract.LOCATION, "k-folder"),
+        (req(image="https://127.0.0.1/a.jpg", key="k-loopback"), contract.PRIVATE_ADDRESS, "k-loopback"),
+        (req(image="https://localhost:8443/a.jpg", key="k-localhost"), contract.PRIVATE_ADDRESS, "k-localhost"),
+        (req(image="https://169.254.169.254/latest", key="k-meta"), contract.PRIVATE_ADDRESS, "k-meta"),
+        (req(image="https://[::1]/a.jpg", key="k-v6"), contract.PRIVATE_ADDRESS, "k-v6"),
+        (req(image="http://example.com/a.jpg", key="k-http"), contract.LOCATION, "k-http"),
+        (req(image="file:///etc/passwd", key="k-file"), contract.LOCATION, "k-file"),
+        (req(image="s3://bucket/", key="k-s3-prefix"), contract.LOCATION, "k-s3-prefix"),
+        ({"request": json.dumps({"image": "s3://b/k", "key": "k-big", "pad": "x" * 20000})},
+         contract.TOO_LARGE, None),
+    ]
+
+
+def test_bad_messages_are_answered_and_the_consumer_goes_on(pg_url: str, tmp_path: Path, redis_url: str) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copy(FRONT, root / "good.jpg")
+    r = redis.Redis.from_url(redis_url)
+    cases = hostile_messages(tmp_path, root)
+    ids = [r.xadd(STREAM, fields).decode() for fields, _, _ in cases]  # type: ignore[arg-type]
+    r.xadd(STREAM, {"request": json.dumps({"image": str(root / "good.jpg"), "key": "k-good"})})
+    sent: list[int] = []
+    consumer = StreamConsumer(make_intake(pg_url, [root], sent), r, stream=STREAM, block=0.1)
+    deadline = time.monotonic() + 30
+    while consumer.handled < len(cases) + 1 and time.monotonic() < deadline:
+        consumer.poll_once()
+    requests, items, events = rows(pg_url)
+    by_key = {q.idempotency_key: q for q in requests}
+    for (fields, reason, key), entry_id in zip(cases, ids, strict=True):
+        q = by_key[key or contract.synthetic_key(STREAM, entry_id)]
+        assert q.status == "rejected" and q.reason and q.reason.startswith(reason + ":"), (fields, q.reason)
+        assert q.item_id is None
+        rejected = [e for e in events if e.kind == "request.rejected" and e.request_id == q.id]
+        assert len(rejected) == 1 and rejected[0].data["reason"] == reason
+    # no location, no value sent, in any reason
+    assert not any(str(tmp_path) in (q.reason or "") for q in requests)
+    assert by_key["k-good"].status == "accepted" and len(items) == 1 and len(sent) == 1
+    # every entry acknowledged and removed; none pending
+    assert r.xpending(STREAM, "idocr")["pending"] == 0 and r.xlen(STREAM) == 0
+    # a bad message sent again (a redelivery) records nothing twice
+    r.xadd(STREAM, {"request": json.dumps({"image": "https://127.0.0.1/a.jpg", "key": "k-loopback"})})
+    while consumer.poll_once() == 0:
+        pass
+    assert len(rows(pg_url)[0]) == len(requests)
+
+
+CONSUMER_THAT_DIES = """
+import sys, time, redis
+from pipeline.workflows.intake import Intake, StreamConsumer
+db, url, root, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+r = redis.Redis.from_url(url)
+c = StreamConsumer(Intake(database_url=db, provider="sandbox", enqueue=None, intake_roots=[root],
+                          stream="idocr:intake"), r, stream="idocr:intake", consumer="doomed")
+c.ensure_group()
+entries = r.xreadgroup("idocr", "doomed", {"idocr:intake": ">"}, count=n)[0][1]
+c.handle(entries[0][0].decode(), entries[0][1])   # recorded, never acknowledged
+print(len(entries), flush=True)
+time.sleep(600)
+"""
+
+
+def test_entries_of_a_killed_consumer_are_taken_over_and_handled_once(pg_url: str, tmp_path: Path, redis_url: str) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    r = redis.Redis.from_url(redis_url)
+    for i in range(5):
+        data = FRONT.read_bytes() + f"#{i}".encode()  # distinct bytes, the same card
+        (root / f"c{i}.jpg").write_bytes(data)
+        r.xadd(STREAM, {"request": json.dumps({"image": str(root / f"c{i}.jpg"), "key": f"k{i}"})})
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER_THAT_DIES, pg_url, redis_url, str(root), "5"],
+                            stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"5"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert r.xpending(STREAM, "idocr")["pending"] == 5
+    assert len(rows(pg_url)[0]) == 1  # the one it recorded before it died
+    sent: list[int] = []
+    other = StreamConsumer(make_intake(pg_url, [root], sent), r, stream=STREAM, consumer="heir",
+                           claim_idle=0.3, block=0.1)
+    deadline = time.monotonic() + 30
+    while r.xpending(STREAM, "idocr")["pending"] and time.monotonic() < deadline:
+        other.poll_once()
+        time.sleep(0.05)
+    requests, items, _ = rows(pg_url)
+    assert sorted(q.idempotency_key for q in requests) == [f"k{i}" for i in range(5)]
+    assert len(items) == 5 and all(q.status == "accepted" for q in requests)
+    # the four it never handled are sent once; the one it recorded waits in SQL, sent again as a
+    # repeat (harmless: its claim decides)
+    assert sorted(set(sent)) == sorted(i.id for i in items)
+    assert r.xlen(STREAM) == 0
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_private_urls_only_when_allowed(pg_url: str, allow: bool) -> None:
+    sent: list[int] = []
+    intake = make_intake(pg_url, [], sent, allow_private=allow)
+    out = intake.submit(IntakeRequest(image="https://127.0.0.1:9/a.jpg", key="k-url"), "stream")
+    assert out.status == ("accepted" if allow else "rejected")
+    if not allow:
+        assert out.reason and out.reason.startswith(contract.PRIVATE_ADDRESS)
+    else:
+        item = rows(pg_url)[1][0]
+        assert item.source_uri == "https://127.0.0.1:9/a.jpg" and item.fingerprint.startswith("uri:")

@@ -1,0 +1,121 @@
+"""The intake contract: the published JSON Schema is the model's, messages are read (or refused
+with a reason) without ever raising anything else, and https URLs are checked address by
+address (a resolver handed in: no network here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.domain import intake as contract
+from pipeline.domain.intake import BadRequest, IntakeRequest, parse_message
+from pipeline.sources.https import AddressRefused, check_url, is_public
+from pipeline.sources.base import SourceError
+from tests.conftest import ROOT
+
+
+def test_the_published_schema_is_the_models() -> None:
+    published = (ROOT / "docs" / "intake.schema.json").read_text(encoding="utf-8")
+    assert published == contract.schema_text(), (
+        "docs/intake.schema.json is stale: regenerate it with "
+        "python -c 'from pipeline.domain.intake import schema_text; print(schema_text(), end=\"\")'"
+    )
+    schema = json.loads(published)
+    assert schema["required"] == ["image", "key"]
+    assert schema["additionalProperties"] is False
+
+
+def _msg(obj: object, **extra: str) -> dict[bytes, bytes]:
+    fields = {b"request": json.dumps(obj).encode()}
+    fields.update({k.encode(): v.encode() for k, v in extra.items()})
+    return fields
+
+
+def test_a_message_round_trips_and_extra_fields_are_ignored() -> None:
+    req = IntakeRequest(image="s3://b/k.jpg", key="crm-1", side="back", metadata={"a": 1})
+    fields = {k.encode(): v.encode() for k, v in req.to_message("client").items()}
+    fields[b"trace"] = b"ignored"
+    got, channel = parse_message(fields)
+    assert got == req and channel == "client"
+    assert parse_message(_msg({"image": "s3://b/k", "key": "k"}))[1] == "stream"
+    # a channel field other than "client" does not invent one
+    assert parse_message(_msg({"image": "s3://b/k", "key": "k"}, channel="cli"))[1] == "stream"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason", "has_key"),
+    [
+        ({b"request": b"{not json"}, contract.MALFORMED, False),
+        ({b"request": b"\xff\xfe"}, contract.MALFORMED, False),
+        ({b"other": b"{}"}, contract.MALFORMED, False),
+        (_msg([1, 2]), contract.MALFORMED, False),
+        (_msg({"image": "s3://b/k"}), contract.NO_KEY, False),
+        (_msg({"image": "s3://b/k", "key": "k1", "colour": "vermilion"}), contract.INVALID, True),
+        (_msg({"image": "s3://b/k", "key": "bad key with spaces"}), contract.INVALID, False),
+        (_msg({"image": "s3://b/k", "key": "x" * 129}), contract.INVALID, False),
+        (_msg({"image": "s3://b/k", "key": 12}), contract.INVALID, False),
+        (_msg({"image": "s3://b/k", "key": "k1", "side": "top"}), contract.INVALID, True),
+        (_msg({"image": "s3://b/k", "key": "k1", "metadata": [1]}), contract.INVALID, True),
+        (_msg({"image": "s3://b/k", "key": "k1", "metadata": {"x": "y" * 5000}}), contract.INVALID, True),
+        (_msg({"image": "a\nb", "key": "k1"}), contract.INVALID, True),
+        ({b"request": b"x" * (contract.MAX_MESSAGE_BYTES + 1)}, contract.TOO_LARGE, False),
+    ],
+)
+def test_bad_messages_are_refused_with_a_reason(fields: dict[bytes, bytes], reason: str, has_key: bool) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_message(fields)
+    assert info.value.reason == reason
+    assert (info.value.key == "k1") is has_key
+    # the reason names fields and limits, never the values sent
+    assert "vermilion" not in info.value.text and "yyyy" not in info.value.text
+
+
+def test_unknown_fields_are_named() -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_message(_msg({"image": "s3://b/k", "key": "k1", "colour": "vermilion"}))
+    assert "colour: unknown field" in info.value.detail
+
+
+def test_synthetic_keys_never_meet_a_callers() -> None:
+    key = contract.synthetic_key("idocr:intake", "1700000000000-0")
+    assert not contract.valid_key(key)
+    assert contract.valid_key("crm-4711") and contract.valid_key("a/b:c@d.e+f=g")
+
+
+def resolver(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+    def resolve(host: str, port: int) -> list[str]:
+        return table[host]
+
+    return resolve
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.9", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+     "0.0.0.0", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "224.0.0.1", "240.0.0.1"],
+)
+def test_internal_addresses_are_refused(address: str) -> None:
+    assert not is_public(address)
+    with pytest.raises(AddressRefused):
+        check_url("https://cards.example.com/a.jpg", resolver=resolver({"cards.example.com": [address]}))
+    # allowed only when configured so
+    check_url("https://cards.example.com/a.jpg", allow_private=True,
+              resolver=resolver({"cards.example.com": [address]}))
+
+
+def test_every_address_of_a_host_is_checked() -> None:
+    mixed = resolver({"h.example.com": ["93.184.216.34", "10.0.0.1"]})
+    with pytest.raises(AddressRefused):
+        check_url("https://h.example.com/x.jpg", resolver=mixed)
+    ok = resolver({"h.example.com": ["93.184.216.34", "2606:2800:220:1::1"]})
+    assert check_url("https://h.example.com:8443/x.jpg", resolver=ok)[:2] == ("h.example.com", 8443)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://h.example.com/x.jpg", "https://user:pw@h.example.com/x.jpg", "https:///x.jpg",
+            "https://h.example.com:99999/x"],
+)
+def test_other_urls_are_refused(url: str) -> None:
+    with pytest.raises(SourceError):
+        check_url(url, resolver=resolver({"h.example.com": ["93.184.216.34"]}))
