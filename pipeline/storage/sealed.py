@@ -26,6 +26,8 @@ class SealedText(TypeDecorator[str]):
 
     impl = Text
     cache_ok = True
+    #: how ``idocr keys rotate`` re-seals it (:meth:`KeyRing.reseal` kind)
+    kind = "aead"
 
     def __init__(self, context: str) -> None:
         super().__init__()
@@ -46,6 +48,7 @@ class SealedJSON(TypeDecorator[Any]):
 
     impl = JSON
     cache_ok = True
+    kind = "json"
 
     def __init__(self, context: str) -> None:
         super().__init__()
