@@ -161,8 +161,13 @@ def _prepare_scan(
             "URL); a folder is sent with --via bytes, the default"
             + (f" (batch {batch_id} was scanned with --via url)" if batch_via == "url" else "")
         )
+    follow = ctx.params.get("follow_symlinks") if ctx is not None else None
     try:
-        src = open_source(location, endpoint_url=settings.s3_endpoint_url)
+        src = open_source(
+            location,
+            endpoint_url=settings.s3_endpoint_url,
+            follow_symlinks=settings.follow_symlinks if follow is None else follow,
+        )
     except (SourceError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     _schema(settings)
@@ -213,6 +218,12 @@ _via = click.option(
     show_default=True,
     help="bytes: the worker sends the image; "
     "url: the provider fetches a presigned URL (s3:// only).",
+)
+_follow_symlinks = click.option(
+    "--follow-symlinks/--no-follow-symlinks",
+    default=None,
+    help="Take symbolic links whose target lies outside the folder "
+    "(default IDOCR_FOLLOW_SYMLINKS, off: counted as symlink_outside_root and skipped).",
 )
 _retry_failed = click.option(
     "--retry-failed",
@@ -283,6 +294,7 @@ def _scan_report(rep) -> str:
     help="Calls in flight (default IDOCR_CONCURRENCY).",
 )
 @click.option("--timeout", type=float, help="Stop waiting after this many seconds (exit 3).")
+@_follow_symlinks
 def run(
     source: str,
     batch_id: str | None,
@@ -292,6 +304,7 @@ def run(
     output: str | None,
     concurrency: int | None,
     timeout: float | None,
+    follow_symlinks: bool | None,
 ) -> None:
     """Scan SOURCE (a folder or s3://bucket/prefix), process it with local workers, and wait.
 
@@ -355,7 +368,9 @@ def run(
         _write_output(settings, batch_id, output)
     err.print(f"results: idocr export {batch_id} --format jsonl")
     if code:
-        err.print(f"to go on later: idocr run {shlex.quote(source)} --batch {batch_id}")
+        # the source is shown with ID numbers masked, like every other name
+        again = shlex.quote(source) if redact_text(source) == source else "SOURCE"
+        err.print(f"to go on later: idocr run {again} --batch {batch_id}")
     sys.exit(code)
 
 
@@ -431,8 +446,14 @@ def _detail(counts: dict[str, int], pause) -> str:
 @_via
 @_retry_failed
 @_retry_unknown
+@_follow_symlinks
 def scan(
-    source: str, batch_id: str | None, via: str, retry_failed: bool, retry_unknown: bool
+    source: str,
+    batch_id: str | None,
+    via: str,
+    retry_failed: bool,
+    retry_unknown: bool,
+    follow_symlinks: bool | None,
 ) -> None:
     """Scan SOURCE and enqueue its items for workers started elsewhere; prints the batch id."""
 

@@ -25,7 +25,7 @@ from pipeline.coordination.journal import AnswerJournal, SentMarks
 from pipeline.coordination.quota import QuotaExhausted, QuotaLedger
 from pipeline.coordination.ratelimit import provider_limiter
 from pipeline.coordination.redisconn import redis_client
-from pipeline.domain.images import ImageLimits
+from pipeline.domain.images import DECODE_BUDGET, ImageLimits
 from pipeline.outputs.events import Outbox
 from pipeline.providers.base import Provider
 from pipeline.providers.ihuyi import IhuyiClient
@@ -98,11 +98,22 @@ SHOWAPI_MAX_PAYLOAD = 1_500_000
 
 
 def image_limits(settings: Settings) -> ImageLimits:
+    payload = ImageLimits().max_payload_bytes
     if settings.max_payload_bytes:
-        return ImageLimits(max_payload_bytes=settings.max_payload_bytes)
-    if "showapi" in settings.chain:  # one image, prepared once, fits every provider it may meet
-        return ImageLimits(max_payload_bytes=SHOWAPI_MAX_PAYLOAD)
-    return ImageLimits()
+        payload = settings.max_payload_bytes
+    elif "showapi" in settings.chain:  # one image, prepared once, fits every provider it may meet
+        payload = SHOWAPI_MAX_PAYLOAD
+    return ImageLimits(
+        max_payload_bytes=payload,
+        max_decode_bytes=settings.max_decode_bytes,
+        max_pixels=settings.max_pixels,
+    )
+
+
+def apply_decode_memory(settings: Settings) -> None:
+    """The process-wide decode budget (:data:`pipeline.domain.images.DECODE_BUDGET`): what the
+    images this worker's threads decode at once may take together (IDOCR_DECODE_MEMORY)."""
+    DECODE_BUDGET.set_total(settings.decode_memory or 2 * settings.max_decode_bytes)
 
 
 def worker_id() -> str:
@@ -120,6 +131,7 @@ def build_processor(
     consuming the queue) is called only when the last provider of the chain pauses."""
     r = redis_client(settings)
     wid = worker_id()
+    apply_decode_memory(settings)
     heartbeat = Heartbeat(settings.resolved_database_url, wid, settings.heartbeat_interval)
     journal = answer_journal(settings)
     chain = settings.chain
