@@ -85,3 +85,15 @@ def test_module_is_importable_without_a_key() -> None:
     # the suite sets a key at import time: the CLI's own import path must not need one
     env = idocr_env(IDOCR_DATA_KEYS="")
     subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.storage.sealed"], env=env, check=True, timeout=60)
+
+
+def test_run_on_the_embedded_database_says_when_data_is_not_encrypted(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    res = subprocess.run([*IDOCR, "run", "empty"], env=idocr_env(IDOCR_DATA_KEYS="", IDOCR_PROVIDER="sandbox"),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert "IDOCR_DATA_KEYS is not set" in res.stderr and "unencrypted" in res.stderr
+    res = subprocess.run([*IDOCR, "run", "empty"], env=idocr_env(IDOCR_PROVIDER="sandbox"),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert "unencrypted" not in res.stderr
