@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, defer
 
 from pipeline.storage.models import Batch, Item, ItemStatus, Result
 
@@ -115,6 +115,8 @@ def _record_query() -> Any:
         .outerjoin(orig, orig.id == Item.duplicate_of)
         # the result is the item's own, or its original's for a duplicate
         .outerjoin(Result, Result.item_id == func.coalesce(Item.duplicate_of, Item.id))
+        # the provider's raw answer is not part of the record: never read (nor decrypted)
+        .options(defer(Result.raw))
     )
 
 

@@ -267,21 +267,29 @@ class Relay:
                 for e in events
             ]
         outcomes = self._post_all(hook, [(eid, body) for _, eid, _, body in work])
-        delivered = failed = dead = 0
+        failed = dead = 0
+        ok = [row_id for (row_id, *_), error in zip(work, outcomes, strict=True) if error is None]
         with unit_of_work(self.db) as s:
             now = utcnow()
-            for (row_id, _eid, attempts, _body), error in zip(work, outcomes, strict=True):
-                n = attempts + 1
-                values: dict[str, Any]
-                if error is None:
-                    delivered += 1
-                    values = dict(
+            if ok:  # one statement for every delivery that went through
+                s.execute(
+                    update(Event)
+                    .where(Event.id.in_(ok), Event.delivery_state == PENDING)
+                    .values(
                         delivery_state=DELIVERED,
+                        delivery_attempts=Event.delivery_attempts + 1,
                         delivered_at=now,
                         next_delivery_at=None,
                         last_error=None,
                     )
-                elif hook.gives_up(n):
+                    .execution_options(synchronize_session=False)
+                )
+            for (row_id, _eid, attempts, _body), error in zip(work, outcomes, strict=True):
+                if error is None:
+                    continue
+                n = attempts + 1
+                values: dict[str, Any]
+                if hook.gives_up(n):
                     dead += 1
                     values = dict(delivery_state=DEAD, next_delivery_at=None, last_error=error)
                 else:
@@ -298,7 +306,7 @@ class Relay:
             log.warning(
                 "webhook: %d events dead after retrying (`idocr events replay --dead`)", dead
             )
-        return delivered, failed, dead, len(work)
+        return len(ok), failed, dead, len(work)
 
     # -- building the public shape -------------------------------------------------------------
     def _bodies(
@@ -447,18 +455,20 @@ def finish_batch_if_done(
     )
     if unfinished is not None:
         return 0
+    # the size (an index-only count), then the event's existence by its unique id: the counts by
+    # status and code only for a batch finishing now
+    total = s.scalar(select(func.count()).select_from(Item).where(Item.batch_id == batch_id)) or 0
+    if not total and not allow_empty:
+        return 0
+    eid = batch_finished_id(batch_id, total)
+    if s.scalar(select(exists().where(Event.event_id == eid))):
+        return 0
     label = func.coalesce(Item.code, Item.reason, literal_column("''"))
     rows = s.execute(
         select(Item.status, label, func.count())
         .where(Item.batch_id == batch_id)
         .group_by(Item.status, label)
     ).all()
-    total = sum(n for _, _, n in rows)
-    if not total and not allow_empty:
-        return 0
-    eid = batch_finished_id(batch_id, total)
-    if s.scalar(select(exists().where(Event.event_id == eid))):
-        return 0
     by_status: dict[str, int] = {}
     by_code: dict[str, dict[str, int]] = {}
     for status, code, n in rows:
