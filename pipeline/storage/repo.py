@@ -726,9 +726,28 @@ def _store_pair_checks(session: Session, groups: Iterable[list[SideRecord]]) -> 
     return pairs
 
 
+_PAIR_GROUP = (
+    select(
+        _items.c.pair_key,
+        _items.c.id,
+        _items.c.source_key,
+        _results.c.side,
+        *(_results.c[c.key] for c in _PAIR_FIELDS),
+    )
+    .join(_results, _results.c.item_id == _items.c.id)
+    .where(_items.c.batch_id == bindparam("p_batch"), _items.c.pair_key == bindparam("p_pair"))
+)
+
+
 def pair_group_of(session: Session, batch_id: str, pair_key: str) -> list[SideRecord]:
-    """The recognised images of the batch sharing the name ``pair_key`` (one query)."""
-    return _side_records(session, batch_id, [pair_key]).get(pair_key, [])
+    """The recognised images of the batch sharing the name ``pair_key`` (one prebuilt query:
+    every successful image with a side word in its name asks it)."""
+    rows = session.connection().execute(_PAIR_GROUP, {"p_batch": batch_id, "p_pair": pair_key})
+    group = []
+    for _, item_id, key, side, *values in rows:
+        fields = {c.key: v for c, v in zip(_PAIR_FIELDS, values, strict=True) if v is not None}
+        group.append(SideRecord(item_id, key, side, fields))
+    return group
 
 
 def store_pair_checks(session: Session, group: list[SideRecord]) -> bool:
