@@ -91,9 +91,13 @@ def fetch(
     timeout: float = 30.0,
     resolver: Resolver = system_resolver,
     verify: Any = True,
+    transport: httpx.BaseTransport | None = None,
 ) -> bytes:
-    """The body behind an https URL, fetched as the module's docstring says."""
-    with httpx.Client(timeout=timeout, follow_redirects=False, verify=verify) as client:
+    """The body behind an https URL, fetched as the module's docstring says. ``verify``: a CA
+    bundle or SSL context instead of the system's; ``transport``: for tests."""
+    with httpx.Client(
+        timeout=timeout, follow_redirects=False, verify=verify, transport=transport
+    ) as client:
         for _ in range(MAX_REDIRECTS + 1):
             host, port, addresses = check_url(url, allow_private=allow_private, resolver=resolver)
             target = httpx.URL(url).copy_with(host=addresses[0])

@@ -104,6 +104,8 @@ class Intake:
         self.allowed = (limits or ImageLimits()).allowed
         self.resolver = resolver
         self.attempts = attempts
+        #: batches known to exist and send bytes (their look-up is skipped)
+        self._batches: set[str] = set()
 
     @classmethod
     def from_settings(
@@ -203,9 +205,12 @@ class Intake:
                         outcome, to_send = self._record(s, request, ref, batch_id, channel, meta)
             except IntegrityError:
                 # another consumer recorded this key (or created this batch) meanwhile
+                self._batches.discard(batch_id)
                 if attempt == self.attempts - 1:
                     raise
                 continue
+            if outcome.status == ACCEPTED and not outcome.repeat:
+                self._batches.add(batch_id)
             self._send(to_send)
             return outcome
         raise AssertionError("unreachable")
@@ -251,22 +256,23 @@ class Intake:
         channel: str,
         meta: Any,
     ) -> tuple[Outcome, list[int]]:
-        batch, new_batch = repo.get_or_create_batch(s, batch_id, "intake", self.provider)
-        if batch.via != "bytes":
-            conflict = BadRequest(
-                contract.BATCH_CONFLICT,
-                "batch: it sends images to the provider by URL; name another batch",
-                request.key,
-            )
-            return self._reject_in(s, conflict, channel), []
+        if batch_id not in self._batches:  # a batch, once seen sending bytes, stays so
+            batch, _ = repo.get_or_create_batch(s, batch_id, "intake", self.provider)
+            if batch.via != "bytes":
+                conflict = BadRequest(
+                    contract.BATCH_CONFLICT,
+                    "batch: it sends images to the provider by URL; name another batch",
+                    request.key,
+                )
+                return self._reject_in(s, conflict, channel), []
         row = to_new_item(ref, self.allowed)
         if ref.sha256 is None:
             # not read here (S3, https): the worker finds identical bytes when it reads them
             row.fingerprint = "uri:" + hashlib.sha256(ref.uri.encode()).hexdigest()
-        added = repo.add_items(s, batch_id, [row], new_batch=new_batch)
-        if not added:  # the same key and image in this batch: only a repeat can do that
-            raise IntegrityError("items", None, Exception("item already present"))
-        item = added[0]
+        # The item's key holds the request's key, which has no request yet: no item can have it
+        # (new_batch skips that look-up). One that does (a concurrent consumer's) fails on the
+        # unique constraint, and the retry finds that consumer's request.
+        item = repo.add_items(s, batch_id, [row], new_batch=True)[0]
         req = Request(
             idempotency_key=request.key,
             channel=channel,

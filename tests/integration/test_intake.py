@@ -248,3 +248,108 @@ def test_private_urls_only_when_allowed(pg_url: str, allow: bool) -> None:
     else:
         item = rows(pg_url)[1][0]
         assert item.source_uri == "https://127.0.0.1:9/a.jpg" and item.fingerprint.startswith("uri:")
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_an_https_image_is_fetched_from_the_checked_address_with_the_certificate_verified(tmp_path: Path) -> None:
+    """A real TLS server on loopback (so allowed only with allow_private): the connection goes
+    to the resolved address while the certificate is checked against the host name."""
+    import http.server
+    import ssl
+
+    from pipeline.sources.base import SourceError
+    from pipeline.sources.https import AddressRefused, fetch
+
+    cert, key = _self_signed(tmp_path)
+    body = FRONT.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/card.jpg":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_response(302)
+                self.send_header("Location", "/card.jpg")
+                self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        url = f"https://localhost:{port}/old-name.jpg"
+        assert fetch(url, allow_private=True, verify=trust, timeout=10) == body
+        with pytest.raises(AddressRefused):
+            fetch(url, allow_private=False, verify=trust, timeout=10)
+        # a certificate for another name is refused even though the address is the same
+        with pytest.raises(SourceError, match="could not be fetched"):
+            fetch(f"https://127.0.0.1:{port}/card.jpg", allow_private=True, verify=trust, timeout=10)
+        with pytest.raises(SourceError, match="larger than"):
+            fetch(url, allow_private=True, verify=trust, timeout=10, max_bytes=1000)
+    finally:
+        server.shutdown()
+
+
+def test_a_database_outage_is_not_a_bad_message(pg_url: str, tmp_path: Path, redis_url: str) -> None:
+    """The database unreachable: the entry is neither refused nor acknowledged; once the
+    database is back it is handled, once."""
+    from tests.faults import TcpProxy
+
+    proxy = TcpProxy(5432)
+    try:
+        proxied = pg_url.replace(":5432/", f":{proxy.port}/")
+        r = redis.Redis.from_url(redis_url)
+        sent: list[int] = []
+        consumer = StreamConsumer(make_intake(proxied, [], sent), r, stream=STREAM, block=0.1)
+        proxy.cut()
+        r.xadd(STREAM, {"request": json.dumps({"image": "s3://b/k.jpg", "key": "k-outage"})})
+        stop = threading.Event()
+        runner = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+        runner.start()
+        time.sleep(2.0)
+        assert r.xpending(STREAM, "idocr")["pending"] == 1 and r.xlen(STREAM) == 1
+        assert consumer.handled == 0
+        proxy.heal()
+        deadline = time.monotonic() + 30
+        while consumer.handled == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        runner.join(15)
+        requests, items, _ = rows(pg_url)
+        assert [(q.idempotency_key, q.status) for q in requests] == [("k-outage", "accepted")]
+        assert len(items) == 1 and sent == [items[0].id]
+        assert r.xpending(STREAM, "idocr")["pending"] == 0 and r.xlen(STREAM) == 0
+    finally:
+        proxy.close()

@@ -85,7 +85,7 @@ def test_synthetic_keys_never_meet_a_callers() -> None:
 
 def resolver(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
     def resolve(host: str, port: int) -> list[str]:
-        return table[host]
+        return table.get(host) or [host]  # an address resolves to itself
 
     return resolve
 
@@ -119,3 +119,57 @@ def test_every_address_of_a_host_is_checked() -> None:
 def test_other_urls_are_refused(url: str) -> None:
     with pytest.raises(SourceError):
         check_url(url, resolver=resolver({"h.example.com": ["93.184.216.34"]}))
+
+
+# -- fetching: redirects and sizes, through httpx's mock transport (no network) ------------------
+
+import httpx  # noqa: E402
+
+from pipeline.sources.https import fetch  # noqa: E402
+
+PUBLIC = {"cards.example.com": ["93.184.216.34"], "cdn.example.net": ["151.101.1.1"],
+          "internal.example.com": ["10.0.0.5"], "sneaky.example.com": ["93.184.216.35", "127.0.0.1"]}
+
+
+def transport(routes: dict[str, httpx.Response], seen: list[httpx.Request]) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return routes[request.headers["host"] + request.url.path]
+
+    return httpx.MockTransport(handle)
+
+
+def test_a_fetch_goes_to_the_checked_address_and_follows_public_redirects() -> None:
+    seen: list[httpx.Request] = []
+    routes = {
+        "cards.example.com/a.jpg": httpx.Response(302, headers={"location": "https://cdn.example.net:8443/b.jpg"}),
+        "cdn.example.net:8443/b.jpg": httpx.Response(200, content=b"JPEG"),
+    }
+    assert fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC),
+                 transport=transport(routes, seen)) == b"JPEG"
+    assert [r.url.host for r in seen] == ["93.184.216.34", "151.101.1.1"]
+    assert [r.extensions["sni_hostname"] for r in seen] == ["cards.example.com", "cdn.example.net"]
+
+
+@pytest.mark.parametrize("target", ["https://internal.example.com/x.jpg", "https://sneaky.example.com/x.jpg",
+                                    "https://127.0.0.1/x.jpg"])
+def test_a_redirect_to_an_internal_address_is_refused(target: str) -> None:
+    seen: list[httpx.Request] = []
+    routes = {"cards.example.com/a.jpg": httpx.Response(301, headers={"location": target})}
+    with pytest.raises(AddressRefused):
+        fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), transport=transport(routes, seen))
+    assert len(seen) == 1  # the internal address was never asked
+
+
+def test_redirect_loops_and_large_bodies_are_refused() -> None:
+    seen: list[httpx.Request] = []
+    loop = {"cards.example.com/a.jpg": httpx.Response(302, headers={"location": "/a.jpg"})}
+    with pytest.raises(SourceError, match="redirects more than"):
+        fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), transport=transport(loop, seen))
+    big = {"cards.example.com/a.jpg": httpx.Response(200, content=b"x" * 2048)}
+    with pytest.raises(SourceError, match="larger than 1024"):
+        fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), max_bytes=1024,
+              transport=transport(big, seen))
+    gone = {"cards.example.com/a.jpg": httpx.Response(404)}
+    with pytest.raises(SourceError, match="HTTP 404"):
+        fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), transport=transport(gone, seen))
