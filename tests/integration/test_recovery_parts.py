@@ -240,11 +240,11 @@ def test_the_answer_write_waits_out_the_database_and_keeps_the_answer_meanwhile(
     real = processing.apply_answer
     seen: list[bool] = []
 
-    def failing_once(session, entry, guard, today):  # type: ignore[no-untyped-def]
+    def failing_once(session, entry, guard, today, outbox=None):  # type: ignore[no-untyped-def]
         seen.append(proc.journal.get(entry.item_id) is not None)  # type: ignore[union-attr]
         if len(seen) == 1:
             raise sa_exc.OperationalError("INSERT", {}, ConnectionResetError())
-        return real(session, entry, guard, today)
+        return real(session, entry, guard, today, outbox)
 
     monkeypatch.setattr(processing, "apply_answer", failing_once)
     assert proc.process(item_id) == "succeeded"
