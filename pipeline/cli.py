@@ -754,15 +754,15 @@ def purge(older_than: str | None, batch_id: str | None, dry_run: bool, as_json: 
             settings.resolved_database_url, older_than=age, batch_id=batch_id, dry_run=True
         )
     else:
-        from pipeline.runtime import answer_journal
+        from pipeline.runtime import retention_copies
 
-        # the answer journal (Redis; the embedded one is started if need be)
+        # the copies in Redis too (the embedded one is started if need be)
         rep = run_purge(
             settings.resolved_database_url,
             older_than=age,
             batch_id=batch_id,
             chunk=settings.retention_chunk,
-            forget=answer_journal(settings).forget,
+            copies=retention_copies(settings),
         )
     if as_json:
         click.echo(json.dumps(rep.to_dict()))
@@ -774,8 +774,8 @@ def purge(older_than: str | None, batch_id: str | None, dry_run: bool, as_json: 
         return
     err.print(
         f"purged {rep.items} items of {scope}: {rep.results} results, {rep.requests} requests, "
-        f"{rep.journal} answer journal entries; {rep.transactions} transactions, "
-        f"{rep.seconds:.1f} s"
+        f"{rep.journal} answer journal entries, {rep.result_keys} result keys, {rep.stream} "
+        f"results stream entries; {rep.transactions} transactions, {rep.seconds:.1f} s"
     )
     for problem in rep.errors:
         err.print(f"[yellow]not done: {problem}")

@@ -34,6 +34,7 @@ from pipeline.sources import head_uri, presign_uri, read_uri
 from pipeline.workflows.local import start_sandbox
 from pipeline.workflows.processing import Processor, RetryPolicy
 from pipeline.workflows.reconcile import Reconciler
+from pipeline.workflows.retention import RedisCopies
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,11 @@ def answer_journal(settings: Settings) -> AnswerJournal:
     return AnswerJournal(
         redis_client(settings), settings.data_dir.resolve() / "journal", worker_id()
     )
+
+
+def retention_copies(settings: Settings) -> RedisCopies:
+    """What a purge removes in Redis: journal entries, result keys, the results stream."""
+    return RedisCopies(redis_client(settings), answer_journal(settings), settings.results_stream)
 
 
 def build_reconciler(settings: Settings, queue: WorkQueue) -> Reconciler:

@@ -113,7 +113,7 @@ def reconcile() -> str:
 @app.task(name="idocr.retention", ignore_result=True)
 def retention() -> str:
     """Purge the personal data of items final for longer than IDOCR_RETENTION (unset: none)."""
-    from pipeline.runtime import answer_journal
+    from pipeline.runtime import retention_copies
     from pipeline.workflows.retention import purge
 
     age = settings.retention_age
@@ -123,7 +123,7 @@ def retention() -> str:
         settings.resolved_database_url,
         older_than=age,
         chunk=settings.retention_chunk,
-        forget=answer_journal(settings).forget,
+        copies=retention_copies(settings),
     )
     return f"{rep.items} items purged"
 

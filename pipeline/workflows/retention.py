@@ -8,7 +8,9 @@ What a purge removes from an item that reached a final status before the cut-off
 * its file names: ``source_key`` and ``source_uri`` become ``purged:<item id>``, the pair name
   is cleared (names are personal: they are often a name or an ID number);
 * the caller's metadata on the request that brought it in (``requests.meta``);
-* its entry in the answer journal, if one was left behind.
+* its copies in Redis (:class:`RedisCopies`): its entry in the answer journal, if one was left
+  behind, and the result key its request's caller reads (``idocr:result:<idempotency key>``);
+  a purge by age also trims the results stream of every event older than the cut-off.
 
 What it keeps, for billing and audit: the item (status, reason, code, message, ocrid, attempt
 count, sha256, size, timestamps), its attempts, the result row's provider, side and quality
@@ -30,15 +32,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
+import redis
 from sqlalchemy import Text, and_, func, literal, select, tuple_, update
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.orm import Session
 
+from pipeline.coordination.journal import AnswerJournal
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import FINAL_STATUSES, Item, Request, Result, utcnow
 from pipeline.storage.repo import one_of
+from pipeline.workflows.relay import result_key
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,37 @@ PERSONAL_RESULT_FIELDS = (
 )
 CHUNK = 1000
 
-Forget = Callable[[Sequence[int]], int]
+
+class Copies(Protocol):
+    """Where personal copies of items live outside the database."""
+
+    def forget(self, item_ids: Sequence[int], request_keys: Sequence[str]) -> tuple[int, int]:
+        """Remove what is kept for these items and requests: (journal entries, result keys)."""
+        ...
+
+    def trim_before(self, cutoff: datetime) -> int:
+        """Remove the published events older than ``cutoff``; how many there were."""
+        ...
+
+
+class RedisCopies:
+    """The answer journal, the requests' result keys and the results stream, in Redis."""
+
+    def __init__(self, client: redis.Redis, journal: AnswerJournal, stream: str) -> None:
+        self.redis = client
+        self.journal = journal
+        self.stream = stream
+
+    def forget(self, item_ids: Sequence[int], request_keys: Sequence[str]) -> tuple[int, int]:
+        entries = self.journal.forget(item_ids)
+        keys = int(self.redis.delete(*map(result_key, request_keys))) if request_keys else 0
+        return entries, keys
+
+    def trim_before(self, cutoff: datetime) -> int:
+        # stream entry ids are the milliseconds they were added at
+        return int(
+            self.redis.xtrim(self.stream, minid=int(cutoff.timestamp() * 1000), approximate=False)
+        )
 
 
 @dataclass(slots=True)
@@ -76,6 +111,10 @@ class PurgeReport:
     requests: int = 0
     #: answer journal entries removed
     journal: int = 0
+    #: requests' result keys removed
+    result_keys: int = 0
+    #: results stream entries older than the cut-off removed
+    stream: int = 0
     transactions: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -93,6 +132,8 @@ class PurgeReport:
             "results": self.results,
             "requests": self.requests,
             "journal": self.journal,
+            "result_keys": self.result_keys,
+            "stream": self.stream,
             "transactions": self.transactions,
             "seconds": round(self.seconds, 3),
         }
@@ -120,11 +161,11 @@ def _eligible(cutoff: datetime | None, batch_id: str | None) -> Any:
 
 def purge_chunk(
     session: Session, item_ids: Sequence[int], now: datetime
-) -> tuple[list[int], int, int]:
-    """Purge these items (those still final and not purged): (purged ids, results emptied,
-    requests cleared). The caller commits."""
+) -> tuple[list[int], int, list[str]]:
+    """Purge these items (those still final and not purged): (purged ids, results emptied, the
+    idempotency keys of the requests cleared). The caller commits."""
     if not item_ids:
-        return [], 0, 0
+        return [], 0, []
     placeholder = literal(PURGED_PREFIX) + sql_cast(Item.id, Text)
     done = list(
         session.scalars(
@@ -149,24 +190,21 @@ def purge_chunk(
         )
     )
     if not done:
-        return [], 0, 0
+        return [], 0, []
     res = session.execute(
         update(Result)
         .where(one_of(session, Result.item_id, done))
         .values(_personal_values())
         .execution_options(synchronize_session=False)
     )
-    req = session.execute(
+    keys = session.scalars(
         update(Request)
         .where(one_of(session, Request.item_id, done))
         .values(meta={})
+        .returning(Request.idempotency_key)
         .execution_options(synchronize_session=False)
     )
-    return (
-        done,
-        cast("Any", res).rowcount or 0,
-        cast("Any", req).rowcount or 0,
-    )
+    return done, cast("Any", res).rowcount or 0, list(keys)
 
 
 def count_eligible(
@@ -194,13 +232,14 @@ def purge(
     batch_id: str | None = None,
     dry_run: bool = False,
     chunk: int = CHUNK,
-    forget: Forget | None = None,
+    copies: Copies | None = None,
     now: datetime | None = None,
     on_chunk: Callable[[PurgeReport], None] | None = None,
 ) -> PurgeReport:
     """Purge the final items that last changed more than ``older_than`` ago (all final items of
-    ``batch_id`` when no age is given), ``chunk`` per transaction. ``forget``: removes the answer
-    journal entries of purged item ids (returns how many there were)."""
+    ``batch_id`` when no age is given), ``chunk`` per transaction. ``copies``: where the copies
+    kept outside the database are removed (the answer journal, result keys, the results
+    stream)."""
     if older_than is None and batch_id is None:
         raise ValueError("a purge needs an age (--older-than) or a batch (--batch)")
     started = time.monotonic()
@@ -223,20 +262,27 @@ def purge(
             if not page:
                 break
             last = (page[-1][0], page[-1][1])
-            done, results, requests = purge_chunk(s, [row[1] for row in page], now)
+            done, results, request_keys = purge_chunk(s, [row[1] for row in page], now)
         report.transactions += 1
         report.items += len(done)
         report.results += results
-        report.requests += requests
-        if done and forget is not None:
+        report.requests += len(request_keys)
+        if done and copies is not None:
             try:
-                report.journal += forget(done)
+                entries, keys = copies.forget(done, request_keys)
+                report.journal += entries
+                report.result_keys += keys
             except Exception as exc:  # Redis away: the entries are stale; the guard refuses them
-                report.errors.append(f"answer journal: {type(exc).__name__}")
+                report.errors.append(f"Redis copies: {type(exc).__name__}")
         if on_chunk is not None:
             on_chunk(report)
         if len(page) < chunk:
             break
+    if copies is not None and cutoff is not None and batch_id is None:
+        try:
+            report.stream = copies.trim_before(cutoff)
+        except Exception as exc:
+            report.errors.append(f"results stream: {type(exc).__name__}")
     report.seconds = time.monotonic() - started
     if report.items:
         log.info(

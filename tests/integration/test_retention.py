@@ -23,7 +23,8 @@ from pipeline.providers.base import Outcome, ProviderResult
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Attempt, Item, ItemStatus, Request, Result, utcnow
-from pipeline.workflows.retention import PURGED_PREFIX, purge
+from pipeline.workflows.relay import result_key
+from pipeline.workflows.retention import PURGED_PREFIX, RedisCopies, purge
 from pipeline.workflows.status import collect
 from tests.conftest import ROOT, idocr_env
 
@@ -140,13 +141,22 @@ def test_purge_removes_personal_data_and_keeps_the_audit(db_url: str, redis_url:
     first, young_first = ids[f"{ID_A}_正面.jpg"], young[f"{ID_A}_正面.jpg"]
     j.put(journal_entry(first))
     j.put(journal_entry(young_first))
+    r = redis.Redis.from_url(redis_url)
+    for key in ("req-old", "req-young"):
+        r.set(result_key(key), json.dumps({"name": "张三"}, ensure_ascii=False))
+    stream = "idocr:results"
+    old_ms = int((utcnow() - timedelta(days=40)).timestamp() * 1000)
+    r.xadd(stream, {"body": "old"}, id=f"{old_ms}-0")
+    r.xadd(stream, {"body": "new"})
+    copies = RedisCopies(r, j, stream)
     with unit_of_work(db_url, read_only=True) as s:
         before = {i.id: (i.status, i.code, i.ocrid, i.attempts, i.sha256) for i in s.scalars(select(Item))}
         attempts_before = s.scalar(select(text("count(*)")).select_from(Attempt))
 
-    rep = purge(db_url, older_than=timedelta(days=30), forget=j.forget, chunk=2)
+    rep = purge(db_url, older_than=timedelta(days=30), copies=copies, chunk=2)
 
     assert (rep.items, rep.results, rep.requests, rep.journal) == (4, 1, 1, 1)
+    assert (rep.result_keys, rep.stream, rep.errors) == (1, 1, [])
     assert rep.transactions >= 2  # two items per transaction
     with unit_of_work(db_url, read_only=True) as s:
         after = {i.id: (i.status, i.code, i.ocrid, i.attempts, i.sha256) for i in s.scalars(select(Item))}
@@ -174,9 +184,11 @@ def test_purge_removes_personal_data_and_keeps_the_audit(db_url: str, redis_url:
     ):
         assert key.startswith(PURGED_PREFIX) and uri.startswith(PURGED_PREFIX) and pair is None
     assert j.get(first) is None and j.get(young_first) is not None
+    assert r.get(result_key("req-old")) is None and r.get(result_key("req-young")) is not None
+    assert [fields[b"body"] for _, fields in r.xrange(stream)] == [b"new"]
 
     # a second pass finds nothing more to do
-    again = purge(db_url, older_than=timedelta(days=30), forget=j.forget)
+    again = purge(db_url, older_than=timedelta(days=30), copies=copies)
     assert again.items == 0
 
 
