@@ -102,18 +102,26 @@ def engine_for(url: str) -> Engine:
 
 
 @lru_cache(maxsize=16)
-def session_factory(url: str, read_only: bool = False) -> sessionmaker[Session]:
+def session_factory(
+    url: str, read_only: bool = False, single: bool = False
+) -> sessionmaker[Session]:
     engine = engine_for(url)
     if read_only:
-        engine = engine.execution_options(idocr_read_only=True)
+        options: dict[str, object] = {"idocr_read_only": True}
+        if single and engine.dialect.name == "postgresql":
+            # one statement needs no transaction: no BEGIN and COMMIT round trips around it
+            options["isolation_level"] = "AUTOCOMMIT"
+        engine = engine.execution_options(**options)
     return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager
-def unit_of_work(url: str, read_only: bool = False) -> Iterator[Session]:
+def unit_of_work(url: str, read_only: bool = False, single: bool = False) -> Iterator[Session]:
     """The one place that commits: services and tasks work inside it and never commit.
-    ``read_only``: nothing will be written (on SQLite: no write lock is taken)."""
-    with session_factory(url, read_only)() as session:
+    ``read_only``: nothing will be written (on SQLite: no write lock is taken). ``single``
+    (with ``read_only``): one statement, which then runs outside a transaction on PostgreSQL
+    (the worker's hot-path look-ups)."""
+    with session_factory(url, read_only, single and read_only)() as session:
         try:
             yield session
             session.commit()

@@ -447,7 +447,7 @@ class Processor:
         meeting the same bytes at once agree through ``first_claim`` (first one wins)."""
 
         def look() -> int | None:
-            with unit_of_work(self.db, read_only=True) as s:
+            with unit_of_work(self.db, read_only=True, single=True) as s:
                 return repo.canonical_items(s, [digest]).get(digest)
 
         known = self._outlast(look, f"item {item_id}: same-content look-up")
@@ -717,7 +717,7 @@ class Processor:
             return pause
 
         def read() -> Any:
-            with unit_of_work(self.db, read_only=True) as s:
+            with unit_of_work(self.db, read_only=True, single=True) as s:
                 return repo.open_pause(s, self.provider.name, self.provider.account)
 
         pause = self._outlast(read, "pause gate")
@@ -798,7 +798,7 @@ class Processor:
         commit: of two sides finishing together, the later commit sees the earlier one. Looked
         up first without a write lock: most images have no partner yet."""
         try:
-            with unit_of_work(self.db, read_only=True) as s:
+            with unit_of_work(self.db, read_only=True, single=True) as s:
                 group = repo.pair_group_of(s, *pair)
             if len(group) == 2:
                 with unit_of_work(self.db) as s:
