@@ -24,7 +24,7 @@ from idocr_sandbox.truth import TruthIndex
 from pipeline.config import ScheduleSpec
 from pipeline.storage import repo
 from pipeline.storage.db import unit_of_work
-from pipeline.storage.models import Event
+from pipeline.storage.models import Batch, Event
 from pipeline.workflows.schedules import Scheduler, due_time
 from tests.conftest import IDOCR, idocr_env
 from tests.faults import kill_group
@@ -218,3 +218,67 @@ def test_a_due_schedule_runs_once_with_two_schedulers_racing(
     assert [(e.batch_id, e.data["total"], e.data["statuses"]) for e in finished] == [
         (batch, 5, {"rejected": 5})
     ]
+
+
+def test_two_beats_ticking_start_a_scheduled_scan_once(
+    tmp_path: Path, pg_url: str, redis_url: str, sandbox_factory, cards, procs  # type: ignore[no-untyped-def]
+) -> None:
+    """The profile's schedule is due now; two beats tick every second for a while: one scan,
+    one batch, every item processed, and the batch's batch.finished published once."""
+    folder, truth = cards
+    sandbox = sandbox_factory(truth=truth)
+    profile = tmp_path / "profile.toml"
+    now = datetime.now(UTC)  # due at the start of this minute, then not for a day
+    profile.write_text(
+        "[[schedules]]\n"
+        'name = "nightly"\n'
+        f'source = "{folder}"\n'
+        f'cron = "{now.minute} {now.hour} * * *"\n'
+        'batch = "nightly-{date:%Y%m%d-%H%M}"\n'
+    )
+    env = idocr_env(
+        IDOCR_CONFIG=str(profile), IDOCR_PROVIDER="ihuyi", IDOCR_IHUYI_BASE_URL=sandbox.url,
+        IDOCR_IHUYI_ACCOUNT="sandbox", IDOCR_IHUYI_API_KEY="sandbox-key",
+        IDOCR_DATABASE_URL=pg_url, IDOCR_REDIS_URL=redis_url,
+        IDOCR_DATA_DIR=str(tmp_path / ".idocr"), IDOCR_RATE_LIMIT="50", IDOCR_SCHEDULE_TICK="1",
+    )
+    subprocess.run([*IDOCR, "migrate"], env=env, cwd=tmp_path, check=False, capture_output=True)
+    cluster = procs(env)
+    cluster.worker("w1")
+    beats = []
+    for i in range(2):
+        log = tmp_path / f"beat{i}.log"
+        cluster.logs.append(log)
+        with log.open("ab") as fh:
+            beats.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.app", "beat",
+                 "-s", str(tmp_path / f"beat{i}-schedule"), "--loglevel", "INFO"],
+                env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path))
+    cluster.procs.extend(beats)
+    r = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 120
+    while True:
+        with unit_of_work(pg_url, read_only=True) as s:
+            finished = list(s.scalars(select(Event).where(Event.kind == "batch.finished",
+                                                          Event.published_at.is_not(None))))
+        if finished:
+            break
+        assert time.monotonic() < deadline, cluster.diagnose()
+        time.sleep(0.5)
+    time.sleep(3)  # more ticks from both beats: still nothing new
+    for b in beats:
+        kill_group(b)
+    with unit_of_work(pg_url, read_only=True) as s:
+        batches = list(s.scalars(select(Batch.id)))
+        counts = repo.status_counts(s, finished[0].batch_id)
+        all_finished = list(s.scalars(select(Event).where(Event.kind == "batch.finished")))
+    assert batches == [f"nightly-{now:%Y%m%d-%H%M}"]
+    assert finished[0].batch_id == batches[0]
+    assert sum(counts.values()) == IMAGES and finished[0].data["total"] == IMAGES
+    assert len(all_finished) == 1
+    on_stream = [json.loads(f[b"body"]) for _, f in r.xrange("idocr:results")]
+    assert [b["batch"] for b in on_stream if b["kind"] == "batch.finished"] == [batches[0]]
+    assert sandbox.stats.billed_twice() == {}
+    scans = sum(log.read_text(errors="replace").count("schedule nightly: scanning into batch")
+                for log in cluster.logs if log.exists())
+    assert scans == 1, cluster.diagnose()
