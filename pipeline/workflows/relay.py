@@ -181,8 +181,10 @@ class Relay:
                 rep.batches_finished += finished
                 if n < self.batch and not finished:
                     break
+                self._keep(lock)
             if self.webhook is not None:
                 while True:
+                    self._keep(lock)
                     d, f, dead, taken = self.deliver_once()
                     rep.delivered += d
                     rep.failed += f
@@ -196,6 +198,11 @@ class Relay:
                 except redis.exceptions.LockError:
                     pass
         return rep
+
+    def _keep(self, lock: Any) -> None:
+        """Renew the SQLite relay's lock between chunks: a long backlog outlasts its lease."""
+        if lock is not None:
+            lock.extend(self.lock_ttl, replace_ttl=True)
 
     def publish_once(self) -> tuple[int, int]:
         """One chunk onto the stream; returns (events published, batch.finished written)."""
