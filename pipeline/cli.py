@@ -1051,7 +1051,7 @@ def find(id_number: str, as_json: bool) -> None:
                     {
                         "item": it.id,
                         "batch": it.batch_id,
-                        "source": mask_file_name(it.source_uri),
+                        "source": mask_file_name(it.source_key),
                         "status": it.status,
                         "side": f.result.side,
                         "duplicate_of": f.item.id if it is not f.item else None,
@@ -1090,6 +1090,8 @@ def main() -> None:
     from botocore.exceptions import BotoCoreError, ClientError
     from sqlalchemy.exc import OperationalError
 
+    from pipeline.storage.crypto import CryptoError
+
     try:
         code = cli.main(standalone_mode=False)
     except click.ClickException as exc:
@@ -1109,6 +1111,9 @@ def main() -> None:
         sys.exit(EXIT_ERROR)
     except redis.exceptions.ConnectionError as exc:
         err.print(f"[red]Redis (IDOCR_REDIS_URL) unreachable: {_one_line(exc)}")
+        sys.exit(EXIT_ERROR)
+    except CryptoError as exc:  # names the key id and the column, never data or key material
+        err.print(f"[red]data keys (IDOCR_DATA_KEYS): {exc}")
         sys.exit(EXIT_ERROR)
     except (BotoCoreError, ClientError) as exc:  # no credentials, endpoint down, access denied
         err.print(f"[red]S3 (IDOCR_S3_ENDPOINT_URL, AWS credentials): {_one_line(exc)}")

@@ -204,6 +204,10 @@ def test_rotation_while_workers_process_loses_nothing(tmp_path: Path, sandbox_fa
     assert f"enc1:{old_kid}:" not in dump and f"det1:{old_kid}:" not in dump
     assert f"\t{old_kid}:" not in dump  # no blind index of the old key
     assert "enc1:rot:" in dump
+    # the old key alone no longer reads anything: one line naming the missing key, no data
+    res = idocr("export", "first", env=env_old, cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "'rot'" in res.stderr and "IDOCR_DATA_KEYS" in res.stderr and res.stdout == ""
     # find works with the new key alone
     number = next(e for e in truth2 if e["side"] == "front")["fields"]["id_number"]
     res = idocr("find", "--id-number", number, "--json", env=env_new, cwd=tmp_path)
