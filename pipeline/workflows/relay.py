@@ -204,8 +204,18 @@ class Relay:
         if lock is not None:
             lock.extend(self.lock_ttl, replace_ttl=True)
 
+    def _nothing(self, cond: Any) -> bool:
+        """SQLite: whether no event matches ``cond``, looked at without the write lock (a
+        relay's idle polls must not hold up the workers' writes)."""
+        if self._postgres:
+            return False
+        with unit_of_work(self.db, read_only=True) as s:
+            return s.scalar(select(Event.id).where(cond).limit(1)) is None
+
     def publish_once(self) -> tuple[int, int]:
         """One chunk onto the stream; returns (events published, batch.finished written)."""
+        if self._nothing(Event.published_at.is_(None)):
+            return 0, 0
         with unit_of_work(self.db) as s:
             events = list(
                 s.scalars(
@@ -249,6 +259,8 @@ class Relay:
         assert self.webhook is not None
         hook = self.webhook
         lease = timedelta(seconds=2 * hook.timeout + 30)
+        if self._nothing((Event.delivery_state == PENDING) & (Event.next_delivery_at <= utcnow())):
+            return 0, 0, 0, 0
         with unit_of_work(self.db) as s:
             now = utcnow()
             events = list(
