@@ -992,7 +992,7 @@ def keys_rotate(batch_size: int) -> None:
     """Re-encrypt every stored value not under the first key of IDOCR_DATA_KEYS (and the ID
     numbers' blind index). Safe while workers run; stop and run it again at will."""
     from pipeline.storage.crypto import CryptoError, active_ring
-    from pipeline.workflows.keys import rotate
+    from pipeline.workflows.keys import RotationReport, rotate
 
     settings = _settings()
     if not settings.encrypts_data:
@@ -1002,8 +1002,15 @@ def keys_rotate(batch_size: int) -> None:
     _schema(settings)
     ring = active_ring()
     err.print(f"re-encrypting under key {ring.current_kid} (keys in the ring: {len(ring.kids)})")
+    shown = [time.monotonic()]
+
+    def progress(r: RotationReport) -> None:
+        if time.monotonic() - shown[0] >= 5:
+            shown[0] = time.monotonic()
+            err.print(f"{r.total} value(s) re-encrypted so far (pass {r.passes})")
+
     try:
-        rep = rotate(settings.resolved_database_url, batch_size=batch_size)
+        rep = rotate(settings.resolved_database_url, batch_size=batch_size, on_batch=progress)
     except CryptoError as exc:  # names the key id and the column, never data
         raise click.ClickException(str(exc)) from None
     for label, n in sorted(rep.resealed.items()):
