@@ -50,6 +50,24 @@ def images(folder: Path, n: int, start: int = 0) -> list[Path]:
     return out
 
 
+def truth_for(paths: list[Path], out: Path) -> Path:
+    """A truth file naming every generated image by its sha256 (the sandbox answers without
+    decoding it, as a provider at zero latency would)."""
+    import hashlib
+
+    examples = json.loads((ROOT / "examples" / "truth.json").read_text(encoding="utf-8"))["images"]
+    by_name = {e["file"].rsplit("/", 1)[-1]: e for e in examples}
+    base = [by_name[c.name] for c in CARDS]
+    entries = [
+        {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "side": base[n % 2]["side"],
+         "fields": base[n % 2]["fields"]}
+        for p in paths
+        for n in [int(p.stem.split("-")[1])]  # the card it was made from: n % 2
+    ]
+    out.write_text(json.dumps({"images": entries}, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
 class Watcher:
     """Reads the results stream from its start and notes when each request's answer arrives."""
 
@@ -99,6 +117,36 @@ def report(name: str, lat: list[float]) -> None:
           f"p99 {pct(ms, 99):.0f} ms  max {max(ms):.0f} ms  mean {statistics.mean(ms):.0f} ms")
 
 
+def breakdown(db_url: str, added_at: dict[str, float]) -> None:
+    """Where the time of the one-at-a-time requests went (medians, from the database's
+    timestamps): intake, waiting for a worker, the provider call, writing, publishing."""
+    from sqlalchemy import select
+
+    from pipeline.storage.db import unit_of_work
+    from pipeline.storage.models import Attempt, Event, Request
+
+    parts: dict[str, list[float]] = {k: [] for k in ("recorded", "to call", "call", "to event", "to publish")}
+    with unit_of_work(db_url, read_only=True) as s:
+        rows = s.execute(
+            select(Request.idempotency_key, Request.created_at, Attempt.started_at, Attempt.finished_at,
+                   Event.created_at, Event.published_at)
+            .join(Attempt, Attempt.item_id == Request.item_id)
+            .join(Event, (Event.item_id == Request.item_id) & (Event.kind == "item.finished"))
+            .where(Request.idempotency_key.in_(list(added_at)))
+        ).all()
+    for key, recorded, started, finished, evented, published in rows:
+        if None in (started, finished, published):
+            continue
+        t = added_at[key]
+        parts["recorded"].append(recorded.timestamp() - t)
+        parts["to call"].append((started - recorded).total_seconds())
+        parts["call"].append((finished - started).total_seconds())
+        parts["to event"].append((evented - finished).total_seconds())
+        parts["to publish"].append((published - evented).total_seconds())
+    shown = "  ".join(f"{k} {1000 * statistics.median(v):.0f} ms" for k, v in parts.items() if v)
+    print(f"  medians: {shown}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequential", type=int, default=200)
@@ -115,7 +163,8 @@ def main() -> None:
         root.mkdir()
         seq_images = images(root, args.sequential)
         burst_images = images(root, args.burst, start=args.sequential)
-        truth = ROOT / "examples" / "truth.json"
+        warm = images(root, 1, start=10**6)[0]
+        truth = truth_for([*seq_images, *burst_images, warm], work / "truth.json")
         own = OwnRedis(work / "redis")
         sandbox = RemoteSandbox(truth, args.latency)
         keys = new_key_entry("bench")
@@ -139,19 +188,21 @@ def main() -> None:
                     client = Client(own.url)
                     watcher = Watcher(own.url)
                     # warm up: the first request pays for connections and imports
-                    warm = images(root, 1, start=10**6)[0]
                     client.submit(str(warm), "warm-up")
                     if client.result("warm-up", timeout=120) is None:
                         sys.exit(f"no answer to the warm-up request; see {work}/worker0.log")
                     lat = []
+                    added_at: dict[str, float] = {}
                     for i, path in enumerate(seq_images):
                         key = f"seq-{i}"
                         t0 = time.perf_counter()
+                        added_at[key] = time.time()
                         client.submit(str(path), key)
                         if not watcher.wait([key], 60):
                             sys.exit(f"no answer to {key} within 60 s")
                         lat.append(watcher.seen[key] - t0)
                     report("one at a time (XADD → result on the results stream)", lat)
+                    breakdown(db_url, added_at)
                     # the result key is set in the same round trip as the stream entry
                     assert client.redis.get(result_key(f"seq-{args.sequential - 1}")) is not None
 

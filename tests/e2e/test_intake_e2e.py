@@ -1,6 +1,6 @@
-"""Other systems handing work over, end to end: a plain Celery worker (its intake consumer
-started on worker_ready), PostgreSQL, Redis, the sandbox over HTTP counting billed calls, and
-the relay publishing results. Requests arrive by a raw XADD from another process, through the
+"""Other systems handing work over, end to end: two plain Celery workers (each with its intake
+consumer and event relay started on worker_ready), PostgreSQL, Redis, the sandbox over HTTP
+counting billed calls. Requests arrive by a raw XADD from another process, through the
 Python client and through `idocr submit`; 1,000 requests, a tenth of them repeating an earlier
 key, make exactly 900 provider calls."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import random
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from PIL import Image
 from sqlalchemy import func, select
 
 from idocr_sandbox.truth import TruthIndex
@@ -25,7 +27,6 @@ from pipeline.client import Client, result_key
 from pipeline.storage.crypto import new_key_entry
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import Item, Request
-from pipeline.workflows.relay import Relay, RelayThread
 from pipeline.workflows.relay import result_key as relay_result_key
 from tests.conftest import EXAMPLES, IDOCR, idocr_env
 from tests.faults import kill_group
@@ -35,12 +36,21 @@ TRUTH = json.loads((EXAMPLES / "truth.json").read_text(encoding="utf-8"))["image
 DISTINCT, REPEATS = 900, 100
 
 
-def distinct_images(root: Path, n: int, truth: TruthIndex | None = None, start: int = 0) -> list[Path]:
+def _small(data: bytes) -> bytes:
+    """The card at 428x270 (still within the provider's 256-2048 px): cheap to decode."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).resize((428, 270)).save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def distinct_images(root: Path, n: int, truth: TruthIndex | None = None, start: int = 0,
+                    small: bool = False) -> list[Path]:
     """``n`` images with distinct bytes (a trailer after the JPEG's end: the same card to the
     provider's eye, another sha256 to idocr's content de-duplication). With ``truth``, each is
     registered by its sha256 too, so the sandbox answers without decoding it again."""
-    bases = [p.read_bytes() for p in CARDS]
-    known = [truth.get(hashlib.sha256(b).hexdigest()) if truth else None for b in bases]
+    originals = [p.read_bytes() for p in CARDS]
+    known = [truth.get(hashlib.sha256(b).hexdigest()) if truth else None for b in originals]
+    bases = [_small(b) for b in originals] if small else originals
     out = []
     for i in range(start, start + n):
         path = root / f"card-{i:04d}.jpg"
@@ -59,36 +69,36 @@ def cluster(tmp_path: Path, pg_url: str, redis_url: str, sandbox_factory, monkey
     truth.warm()
     sandbox = sandbox_factory(truth, quota=100_000)
     keys = new_key_entry("k1")
-    monkeypatch.setenv("IDOCR_DATA_KEYS", keys)  # the relay, in this process, opens sealed data
+    monkeypatch.setenv("IDOCR_DATA_KEYS", keys)  # `idocr submit` and this process read sealed data
     root = tmp_path / "intake"
     root.mkdir()
     env = idocr_env(
         IDOCR_PROVIDER="sandbox", IDOCR_SANDBOX_URL=sandbox.url, IDOCR_DATABASE_URL=pg_url,
         IDOCR_REDIS_URL=redis_url, IDOCR_DATA_DIR=str(tmp_path / ".idocr"),
         IDOCR_DATA_KEYS=keys, IDOCR_INTAKE_ROOTS=str(root),
-        IDOCR_RATE_LIMIT="5000", IDOCR_RATE_BURST="50", IDOCR_RELAY="false",
+        IDOCR_RATE_LIMIT="5000", IDOCR_RATE_BURST="50", IDOCR_RELAY_INTERVAL="0.05",
         IDOCR_HTTP_TIMEOUT="10", IDOCR_RETRY_INITIAL="0.1", IDOCR_RETRY_MAX="0.5",
     )
-    log = tmp_path / "worker.log"
-    with log.open("ab") as fh:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-n", "w1@%h", "-c", "8",
-             "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
-            env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-        )
-    relay = RelayThread(Relay(database_url=pg_url, redis_client=redis.Redis.from_url(redis_url),
-                              interval=0.05)).start()
+    procs = []
+    for name in ("w1", "w2"):
+        with (tmp_path / f"{name}.log").open("ab") as fh:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-n", f"{name}@%h",
+                 "-c", "4", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
+                env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+            ))
     try:
-        yield {"sandbox": sandbox, "truth": truth, "root": root, "env": env, "log": log, "worker": worker,
+        yield {"sandbox": sandbox, "truth": truth, "root": root, "env": env, "log": tmp_path / "w1.log",
                "pg": pg_url, "redis": redis_url, "tmp": tmp_path}
     finally:
-        relay.stop()
-        kill_group(worker, 15)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            kill_group(worker)
-            worker.wait()
+        for worker in procs:
+            kill_group(worker, 15)
+        for worker in procs:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                kill_group(worker)
+                worker.wait()
 
 
 def counts(pg: str) -> tuple[int, int, int]:
@@ -140,7 +150,7 @@ def test_requests_from_other_systems_are_answered_once(cluster: dict) -> None:  
     assert counts(pg)[:2] == (2, 2) and sandbox.stats.billed == 2
 
     # 2. 1,000 requests, a tenth of them repeating an earlier key: 900 calls
-    images = distinct_images(root, DISTINCT, cluster["truth"], start=2)
+    images = distinct_images(root, DISTINCT, cluster["truth"], start=2, small=True)
     keys = [f"bulk-{i}" for i in range(DISTINCT)]
     order = [(keys[i], images[i]) for i in range(DISTINCT)]
     rng = random.Random(7)
@@ -172,3 +182,22 @@ def test_requests_from_other_systems_are_answered_once(cluster: dict) -> None:  
         time.sleep(0.2)
     values = r.mget([result_key(k) for k in keys])
     assert all(v is not None and json.loads(v)["status"] == "succeeded" for v in values)
+
+
+def test_submit_says_why_it_refuses(tmp_path: Path, redis_url: str) -> None:
+    env = idocr_env(IDOCR_DATABASE_URL=f"sqlite:///{tmp_path / 'idocr.db'}", IDOCR_REDIS_URL=redis_url,
+                    IDOCR_DATA_DIR=str(tmp_path / ".idocr"), IDOCR_INTAKE_ROOTS=str(tmp_path / "in"))
+    (tmp_path / "in").mkdir()
+    outside = tmp_path / "110101195803020700.jpg"
+    outside.write_bytes(CARDS[0].read_bytes())
+    res = subprocess.run([*IDOCR, "submit", str(outside), "--key", "k1"], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path, check=False)
+    assert res.returncode == 1, res.stderr
+    assert "refused: location_refused" in res.stderr and "outside the intake roots" in res.stderr
+    assert "110101195803020700" not in res.stderr + res.stdout
+    res = subprocess.run([*IDOCR, "submit", str(outside), "--key", "no spaces please"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "key: String should match pattern" in res.stderr
+    res = subprocess.run([*IDOCR, "submit", "s3://b/k.jpg", "--key", "k2", "--metadata", "[1]"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "--metadata must be a JSON object" in res.stderr

@@ -353,3 +353,29 @@ def test_a_database_outage_is_not_a_bad_message(pg_url: str, tmp_path: Path, red
         assert r.xpending(STREAM, "idocr")["pending"] == 0 and r.xlen(STREAM) == 0
     finally:
         proxy.close()
+
+
+class _BrokenOnce(Intake):
+    """An intake with a defect for one key (what a bug would look like to the consumer)."""
+
+    def submit(self, request, channel="stream"):  # type: ignore[no-untyped-def]
+        if request.key == "k-bug":
+            raise RuntimeError("a defect")
+        return super().submit(request, channel)
+
+
+def test_an_entry_that_keeps_failing_is_answered_as_an_internal_error(pg_url: str, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    r.xadd(STREAM, {"request": json.dumps({"image": "s3://b/bug.jpg", "key": "k-bug"})})
+    r.xadd(STREAM, {"request": json.dumps({"image": "s3://b/ok.jpg", "key": "k-ok"})})
+    sent: list[int] = []
+    intake = _BrokenOnce(database_url=pg_url, provider="sandbox", enqueue=sent.extend, stream=STREAM)
+    consumer = StreamConsumer(intake, r, stream=STREAM, block=0.1)
+    deadline = time.monotonic() + 30
+    while r.xlen(STREAM) and time.monotonic() < deadline:
+        consumer.poll_once()
+    by_key = {q.idempotency_key: q for q in rows(pg_url)[0]}
+    assert by_key["k-ok"].status == "accepted"  # the one behind it was not held up for good
+    bug = by_key["k-bug"]
+    assert bug.status == "rejected" and bug.reason == "internal_error: the request could not be processed"
+    assert r.xpending(STREAM, "idocr")["pending"] == 0
