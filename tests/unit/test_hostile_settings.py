@@ -84,3 +84,56 @@ def test_retention_setting(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert Settings().retention_age is None
     monkeypatch.setenv("IDOCR_RETENTION", "90d")
     assert Settings().retention_age == timedelta(days=90)
+
+
+_MEASURE = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from pipeline.config import Settings
+from pipeline.domain.images import prepare
+from pipeline.runtime import apply_decode_memory, image_limits
+from tests.bombs import png_one_colour
+
+settings = Settings()
+apply_decode_memory(settings)  # what a worker does when it builds its processor
+limits = image_limits(settings)
+data = png_one_colour(3000, 3000)
+prepare(data, limits)  # codecs loaded, first arenas made: what every worker has
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith(field + ":"))
+base = status("VmHWM")
+with ThreadPoolExecutor(4) as pool:
+    sizes = [p.width for p in pool.map(lambda d: prepare(d, limits), [data] * 8)]
+print(json.dumps({"sizes": sizes, "base": base, "peak": status("VmHWM")}))
+"""
+
+
+def _peak(env_extra: dict[str, str]) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDOCR_")}
+    env.update(env_extra, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE], cwd=ROOT, env=env, check=True, capture_output=True,
+        text=True, timeout=300,
+    )
+    return json.loads(proc.stdout)
+
+
+def test_decode_memory_bounds_a_worker_decoding_in_threads(tmp_path: Path) -> None:
+    """Eight 9-megapixel PNGs (about 70 MiB each to decode and re-encode) on four threads, as a
+    worker builds its limits from the settings: with IDOCR_DECODE_MEMORY at 80MiB they are
+    decoded one at a time, with 1GiB four at once."""
+    tight = _peak({"IDOCR_DECODE_MEMORY": "80MiB", "IDOCR_DATA_DIR": str(tmp_path)})
+    loose = _peak({"IDOCR_DECODE_MEMORY": "1GiB", "IDOCR_DATA_DIR": str(tmp_path)})
+    assert tight["sizes"] == loose["sizes"] == [2048] * 8
+    # above what the first decode left (measured: about 140 MiB against 220 MiB; the rest is
+    # the threads' malloc arenas keeping their re-encode buffers)
+    grew_tight, grew_loose = (m["peak"] - m["base"] for m in (tight, loose))
+    assert grew_tight < 170 * MiB and grew_loose - grew_tight > 50 * MiB, (grew_tight, grew_loose)
