@@ -273,11 +273,20 @@ class Intake:
         # (new_batch skips that look-up). One that does (a concurrent consumer's) fails on the
         # unique constraint, and the retry finds that consumer's request.
         item = repo.add_items(s, batch_id, [row], new_batch=True)[0]
+        answered_by = item.id
+        if item.status == ItemStatus.DUPLICATE:
+            # The same bytes as an item still on its way: the request waits for that item's
+            # answer (its item.finished event is what answers the request), not for this
+            # duplicate's, which is settled now, before the original has an answer to share.
+            original = s.scalar(select(Item.duplicate_of).where(Item.id == item.id))
+            status = s.scalar(select(Item.status).where(Item.id == original)) if original else None
+            if original is not None and status not in FINAL_STATUSES:
+                answered_by = original
         req = Request(
             idempotency_key=request.key,
             channel=channel,
             status=ACCEPTED,
-            item_id=item.id,
+            item_id=answered_by,
             batch_id=batch_id,
             side=request.side,
             meta=meta,
@@ -288,7 +297,7 @@ class Intake:
             # settled at once (rejected without decoding, a duplicate of known bytes)
             self.outbox.items_finished(s, batch_id, [(item.id, item.status, item.reason)])
         to_send = [item.id] if item.status == ItemStatus.QUEUED else []
-        return Outcome(request.key, ACCEPTED, req.id, item_id=item.id), to_send
+        return Outcome(request.key, ACCEPTED, req.id, item_id=answered_by), to_send
 
     def _reject_in(self, s: Session, bad: BadRequest, channel: str) -> Outcome:
         assert bad.key is not None

@@ -379,3 +379,31 @@ def test_an_entry_that_keeps_failing_is_answered_as_an_internal_error(pg_url: st
     bug = by_key["k-bug"]
     assert bug.status == "rejected" and bug.reason == "internal_error: the request could not be processed"
     assert r.xpending(STREAM, "idocr")["pending"] == 0
+
+
+def test_the_same_bytes_under_another_key_are_answered_with_the_originals_result(
+    pg_url: str, tmp_path: Path, sandbox_factory, redis_url: str  # type: ignore[no-untyped-def]
+) -> None:
+    from pipeline.workflows.relay import Relay, result_key
+
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copy(FRONT, root / "a.jpg")
+    shutil.copy(FRONT, root / "copy of a.jpg")
+    sent: list[int] = []
+    intake = make_intake(pg_url, [root], sent)
+    first = intake.submit(IntakeRequest(image=str(root / "a.jpg"), key="k-first"), "stream")
+    second = intake.submit(IntakeRequest(image=str(root / "copy of a.jpg"), key="k-second"), "stream")
+    assert sent == [first.item_id]  # the copy is never sent
+    r = redis.Redis.from_url(redis_url)
+    relay = Relay(database_url=pg_url, redis_client=r)
+    relay.run_once()
+    # nothing answered yet: the copy's own event is not an answer while the original is on its way
+    assert r.get(result_key("k-first")) is None and r.get(result_key("k-second")) is None
+    proc = make_processor(pg_url, sandbox_factory(), redis_url)
+    assert proc.process(sent[0]) == "succeeded"
+    relay.run_once()
+    answers = [json.loads(r.get(result_key(k)) or "null") for k in ("k-first", "k-second")]
+    assert [a["status"] for a in answers] == ["succeeded", "succeeded"]
+    assert answers[0]["fields"]["name"] == answers[1]["fields"]["name"] == "高娟"
+    assert second.item_id == first.item_id and len(rows(pg_url)[1]) == 2  # the copy has its item
