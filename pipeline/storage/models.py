@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from pipeline.storage.names import SealedName
+from pipeline.storage.names import RedactedText, SealedName
 from pipeline.storage.sealed import SealedJSON, SealedText
 
 NAMING_CONVENTION = {
@@ -130,7 +130,7 @@ class Item(TimestampMixin, Base):
     #: why it is not succeeded: a rejection reason ("corrupt", "too_small"…) or an outcome class
     reason: Mapped[str | None] = mapped_column(String(32))
     code: Mapped[str | None] = mapped_column(String(32))
-    msg: Mapped[str | None] = mapped_column(Text)
+    msg: Mapped[str | None] = mapped_column(RedactedText)
     ocrid: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("items.id"))

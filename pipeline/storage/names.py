@@ -11,6 +11,7 @@ reveal.
 
 The column type seals every value bound to it (inserts, updates and look-up parameters alike)
 and opens every value read from it, so the code above the storage layer sees plain names only.
+An item's message is stored with any ID number in it masked (:class:`RedactedText`).
 A value written without a key (the embedded database without ``IDOCR_DATA_KEYS``, or a name
 replaced by :mod:`pipeline.workflows.retention`) is read back as it is.
 
@@ -25,6 +26,7 @@ from typing import Any
 from sqlalchemy import Text
 from sqlalchemy.types import TypeDecorator
 
+from pipeline.domain.masking import redact_text
 from pipeline.storage.crypto import active_ring
 
 #: how :class:`SealedName` values are re-sealed by a key rotation (``KeyRing.reseal`` kind)
@@ -50,3 +52,15 @@ class SealedName(TypeDecorator[str]):
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
         return active_ring().open(value, self.context)
+
+
+class RedactedText(TypeDecorator[str]):
+    """Free text (an item's message) stored with its ID numbers masked: a read error quotes
+    the object's location (``cannot read s3://bucket/110101….jpg``), and the record already
+    names its source."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else redact_text(str(value))
