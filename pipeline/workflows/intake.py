@@ -390,6 +390,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: a consumer name idle this long and holding nothing is removed from the group (seconds)
+FORGET_IDLE = 24 * 3600.0
+FORGET_EVERY = 3600.0
+
+
 class StreamConsumer:
     """One consumer of the intake stream's group (one per worker process)."""
 
@@ -419,6 +424,7 @@ class StreamConsumer:
         self.claim_every = max(0.5, min(claim_idle / 2, 10.0))
         self.block_ms = max(1, int(block * 1000))
         self._next_claim = 0.0
+        self._next_forget = 0.0
         self._claim_cursor = "0-0"
         self._retry_own = True  # after a start: entries this consumer name holds
         self._failures: dict[str, int] = {}
@@ -486,6 +492,9 @@ class StreamConsumer:
             self._claim_cursor = cursor
             if cursor == "0-0":
                 self._next_claim = now + self.claim_every
+                if now >= self._next_forget:
+                    self._next_forget = now + FORGET_EVERY
+                    self.forget_idle_consumers()
             taken = list(claimed[1])
             if taken:
                 log.info("intake: took over %d entries left by another consumer", len(taken))
@@ -494,6 +503,18 @@ class StreamConsumer:
             self.group, self.consumer, {self.stream: ">"}, count=self.COUNT, block=self.block_ms
         )
         return list(fresh[0][1]) if fresh else []
+
+    def forget_idle_consumers(self, idle: float = FORGET_IDLE) -> int:
+        """Remove from the group the names of consumers gone for ``idle`` seconds that hold
+        no entry (every worker process that ever ran left one); the number removed."""
+        gone = 0
+        consumers: Any = self.redis.xinfo_consumers(self.stream, self.group)
+        for c in consumers:
+            name = _text(c["name"])
+            if name != self.consumer and not c["pending"] and c["idle"] > idle * 1000:
+                # DELCONSUMER drops a consumer's pending entries: only empty ones are removed
+                gone += int(self.redis.xgroup_delconsumer(self.stream, self.group, name) == 0)
+        return gone
 
     def handle(self, entry_id: str, fields: Mapping[Any, Any]) -> Outcome:
         try:

@@ -235,6 +235,10 @@ def test_entries_of_a_killed_consumer_are_taken_over_and_handled_once(pg_url: st
     # repeat (harmless: its claim decides)
     assert sorted(set(sent)) == sorted(i.id for i in items)
     assert r.xlen(STREAM) == 0
+    # the dead consumer's name, holding nothing now, is removed from the group
+    time.sleep(0.01)
+    assert other.forget_idle_consumers(idle=0.005) == 1
+    assert [c["name"] for c in r.xinfo_consumers(STREAM, "idocr")] == [b"heir"]
 
 
 @pytest.mark.parametrize("allow", [False, True])
