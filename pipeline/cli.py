@@ -725,9 +725,9 @@ def _write_output(settings: Settings, batch_id: str, location: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Count what would be purged; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="The counts as one JSON object on stdout.")
 def purge(older_than: str | None, batch_id: str | None, dry_run: bool, as_json: bool) -> None:
-    """Remove the personal data (recognised fields, raw answers, file names, request metadata)
-    of final items; keep the audit record (status, codes, ocrid, attempts). See README
-    "Retention"."""
+    """Remove the personal data (recognised fields, raw answers, file names, request metadata,
+    their copies in Redis) of final items; keep the audit record (status, codes, ocrid,
+    attempts). Exit 1 when the copies in Redis could not be reached. See README "Retention"."""
     import json
 
     from pipeline.units import format_age, parse_age
@@ -779,6 +779,8 @@ def purge(older_than: str | None, batch_id: str | None, dry_run: bool, as_json: 
     )
     for problem in rep.errors:
         err.print(f"[yellow]not done: {problem}")
+    if rep.errors:
+        sys.exit(EXIT_ERROR)
 
 
 @cli.command()

@@ -266,6 +266,22 @@ def test_purged_records_export_as_purged(db_url: str) -> None:
     assert rec["duplicate_of"] is None
 
 
+def test_batch_output_of_a_purged_batch(db_url: str, tmp_path: Path) -> None:
+    from pipeline.outputs.files import FolderOutput, write_batch_output
+
+    ids = make_batch(db_url, "b1", n=5)
+    _age(db_url, [i for k, i in ids.items() if k != "more/0000.jpg"], 60)
+    purge(db_url, older_than=timedelta(days=30))
+    with unit_of_work(db_url) as s:
+        rep = write_batch_output(s, "b1", FolderOutput(tmp_path / "out"))
+    assert rep.records == 5 and rep.counts == {"purged": 4, "succeeded": 1}
+    lines = [json.loads(x) for x in (tmp_path / "out" / "b1" / "manifest.jsonl").read_text().splitlines()]
+    assert [e["key"] for e in lines if e["status"] == "succeeded"] == ["more/0000.jpg"]
+    assert all(e["source"] is None and e["key"] is None for e in lines if e["status"] == "purged")
+    written = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "out").rglob("*.json*"))
+    assert ID_A not in written  # the young item carries ID_B
+
+
 def test_status_counts_purged_items(db_url: str, clean_env: Path) -> None:
     ids = make_batch(db_url, "b1")
     _age(db_url, list(ids.values()), 60)
