@@ -149,6 +149,20 @@ class Outbox:
             data=item_data(status, reason=reason, code=code, ocrid=ocrid),
         )
 
+    def item_finished_row(
+        self, status: str, *, reason: Any = None, code: Any = None, ocrid: Any = None
+    ) -> dict[str, Any]:
+        """The columns of an ``item.finished`` row for a writer that inserts it itself (the
+        worker's one-statement answer write): ``event_id``, ``kind``, ``data``,
+        ``delivery_state``, ``next_delivery_at``."""
+        return {
+            "event_id": new_event_id(),
+            "kind": ITEM_FINISHED,
+            "data": item_data(status, reason=reason, code=code, ocrid=ocrid),
+            "delivery_state": PENDING if self.webhook else NO_DELIVERY,
+            "next_delivery_at": utcnow() if self.webhook else None,
+        }
+
     def items_finished(
         self, session: Session, batch_id: str, finished: list[tuple[int, str, str | None]]
     ) -> list[str]:

@@ -106,11 +106,13 @@ def session_factory(
     url: str, read_only: bool = False, single: bool = False
 ) -> sessionmaker[Session]:
     engine = engine_for(url)
+    options: dict[str, object] = {}
     if read_only:
-        options: dict[str, object] = {"idocr_read_only": True}
-        if single and engine.dialect.name == "postgresql":
-            # one statement needs no transaction: no BEGIN and COMMIT round trips around it
-            options["isolation_level"] = "AUTOCOMMIT"
+        options["idocr_read_only"] = True
+    if single and engine.dialect.name == "postgresql":
+        # one statement is atomic on its own: no BEGIN and COMMIT round trips around it
+        options["isolation_level"] = "AUTOCOMMIT"
+    if options:
         engine = engine.execution_options(**options)
     return sessionmaker(engine, expire_on_commit=False)
 
@@ -118,10 +120,10 @@ def session_factory(
 @contextmanager
 def unit_of_work(url: str, read_only: bool = False, single: bool = False) -> Iterator[Session]:
     """The one place that commits: services and tasks work inside it and never commit.
-    ``read_only``: nothing will be written (on SQLite: no write lock is taken). ``single``
-    (with ``read_only``): one statement, which then runs outside a transaction on PostgreSQL
-    (the worker's hot-path look-ups)."""
-    with session_factory(url, read_only, single and read_only)() as session:
+    ``read_only``: nothing will be written (on SQLite: no write lock is taken). ``single``:
+    the unit is one statement, which then runs on its own, outside a transaction, on
+    PostgreSQL (the worker's hot-path look-ups and its answer write)."""
+    with session_factory(url, read_only, single)() as session:
         try:
             yield session
             session.commit()

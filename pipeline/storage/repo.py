@@ -34,6 +34,7 @@ from pipeline.storage.models import (
     Attempt,
     BalanceReading,
     Batch,
+    Event,
     Item,
     ItemStatus,
     Pause,
@@ -475,6 +476,141 @@ def settle(session: Session, item_id: int, status: str, guard: Guard, **values: 
     params.update({f"v_{k}": v for k, v in values.items()})
     res = session.connection().execute(stmt, params)
     return cast("CursorResult[Any]", res).rowcount == 1
+
+
+_events = cast("Table", Event.__table__)
+_answer_statements: dict[tuple[Any, ...], Any] = {}
+
+
+def _answer_statement(item_keys: tuple[str, ...], result_keys: tuple[str, ...] | None) -> Any:
+    """PostgreSQL: a paid answer in one statement (data-modifying WITHs). The item's final
+    status where a worker's claim (or a lost ``unknown``) still holds it; the attempt closed in
+    any case; the result (``result_keys``) and the ``item.finished`` event only where the item
+    was settled. Returns the number of items settled (0 or 1)."""
+    c = _items.c
+    settled = (
+        update(_items)
+        .where(c.id == bindparam("p_id"), _guard_clause((True, False, True)))
+        .values(
+            status=bindparam("p_status"),
+            updated_at=bindparam("p_now"),
+            **{k: bindparam(f"v_{k}") for k in item_keys},
+        )
+        .returning(c.id, c.batch_id)
+        .cte("s")
+    )
+    closed = (
+        update(_attempts)
+        .where(_attempts.c.id == bindparam("a_id"))
+        .values(
+            outcome=bindparam("a_outcome"),
+            code=bindparam("a_code"),
+            msg=bindparam("a_msg"),
+            http_status=bindparam("a_http_status"),
+            elapsed_ms=bindparam("a_elapsed_ms"),
+            ocrid=bindparam("a_ocrid"),
+            finished_at=bindparam("p_now"),
+        )
+        .returning(_attempts.c.id)
+        .cte("f")
+    )
+    e = _events.c
+    event = (
+        insert(_events)
+        .from_select(
+            [
+                e.event_id,
+                e.kind,
+                e.item_id,
+                e.batch_id,
+                e.data,
+                e.created_at,
+                e.delivery_state,
+                e.delivery_attempts,
+                e.next_delivery_at,
+            ],
+            select(
+                bindparam("e_id", type_=e.event_id.type),
+                bindparam("e_kind", type_=e.kind.type),
+                settled.c.id,
+                settled.c.batch_id,
+                bindparam("e_data", type_=e.data.type),
+                bindparam("p_now", type_=e.created_at.type),
+                bindparam("e_state", type_=e.delivery_state.type),
+                literal_column("0"),
+                bindparam("e_next", type_=e.next_delivery_at.type),
+            ),
+        )
+        .returning(e.id)
+        .cte("e")
+    )
+    stmt = select(func.count()).select_from(settled).add_cte(closed, event)
+    if result_keys is not None:
+        r = _results.c
+        result = (
+            insert(_results)
+            .from_select(
+                ["item_id", *result_keys],
+                select(
+                    settled.c.id,
+                    *(bindparam(f"r_{k}", type_=r[k].type) for k in result_keys),
+                ),
+            )
+            .returning(r.item_id)
+            .cte("r")
+        )
+        stmt = stmt.add_cte(result)
+    return stmt
+
+
+def settle_answer(
+    session: Session,
+    *,
+    item_id: int,
+    worker: str,
+    status: str,
+    values: dict[str, Any],
+    attempt: dict[str, Any],
+    event: dict[str, Any],
+    result: dict[str, Any] | None = None,
+) -> bool:
+    """A paid answer in one statement (PostgreSQL; see :func:`_answer_statement`): False when
+    the item was no longer ``worker``'s to settle (the attempt is closed all the same).
+    ``attempt``: the attempt's id and outcome columns; ``event``: the event row's ``event_id``,
+    ``kind``, ``data``, ``delivery_state``, ``next_delivery_at``; ``result``: the result's
+    columns but ``item_id``."""
+    now = utcnow()
+    if result is not None:
+        result = {
+            **result,
+            "id_number_index": active_ring().blind_index(result.get("id_number")),
+            "created_at": now,
+            "updated_at": now,
+        }
+        result.pop("item_id", None)
+    item_keys = tuple(sorted(values))
+    result_keys = None if result is None else tuple(sorted(result))
+    key = (item_keys, result_keys)
+    stmt = _answer_statements.get(key)
+    if stmt is None:
+        stmt = _answer_statements[key] = _answer_statement(item_keys, result_keys)
+    params: dict[str, Any] = {
+        "p_id": item_id,
+        "p_status": str(status),
+        "p_now": now,
+        "g_worker": worker[:128],
+        "a_id": attempt["id"],
+        "e_id": event["event_id"],
+        "e_kind": event["kind"],
+        "e_data": event["data"],
+        "e_state": event["delivery_state"],
+        "e_next": event["next_delivery_at"],
+    }
+    params.update({f"v_{k}": v for k, v in values.items()})
+    params.update({f"a_{k}": v for k, v in attempt.items() if k != "id"})
+    if result is not None:
+        params.update({f"r_{k}": v for k, v in result.items()})
+    return bool(session.connection().execute(stmt, params).scalar_one())
 
 
 def open_attempts(session: Session, item_id: int) -> list[int]:

@@ -197,6 +197,46 @@ def apply_answer(
     return ItemStatus.FAILED
 
 
+def apply_answer_at_once(
+    session: Any, entry: Entry, worker: str, today: datetime, outbox: Outbox | None = None
+) -> str | None:
+    """:func:`apply_answer` for the worker holding the claim, in one statement (PostgreSQL):
+    the same rows, one round trip."""
+    r = entry.result
+    out = outbox or NO_WEBHOOK
+    values: dict[str, Any] = {"code": r.code, "msg": r.msg, "ocrid": r.ocrid}
+    if entry.sha256:
+        values["sha256"] = entry.sha256
+    result = None
+    if r.outcome is Outcome.OK:
+        status, values["reason"] = ItemStatus.SUCCEEDED, None
+        result = result_row(entry.item_id, entry.provider, r, today)
+    else:
+        status = ItemStatus.FAILED
+        values["reason"] = "image" if r.outcome is Outcome.IMAGE else "refused"
+    attempt = {
+        "id": entry.attempt_id,
+        "outcome": r.outcome.value,
+        "code": r.code,
+        "msg": r.msg,
+        "http_status": r.http_status,
+        "elapsed_ms": entry.elapsed_ms or 0,
+        "ocrid": r.ocrid,
+    }
+    event = out.item_finished_row(status, reason=values["reason"], code=r.code, ocrid=r.ocrid)
+    settled = repo.settle_answer(
+        session,
+        item_id=entry.item_id,
+        worker=worker,
+        status=status,
+        values=values,
+        attempt=attempt,
+        event=event,
+        result=result,
+    )
+    return status if settled else None
+
+
 #: events of a writer that was not told about a webhook
 NO_WEBHOOK = Outbox()
 
@@ -266,6 +306,8 @@ class Processor:
         # (valid until, the pause signal's version then, the open pause or None)
         self._gate: tuple[float, bytes | None, Any] = (0.0, None, None)
         self._via: dict[str, str] = {}  # batch → bytes | url (fixed when the batch is created)
+        #: PostgreSQL writes an answer in one statement (data-modifying WITHs)
+        self._one_statement = database_url.startswith("postgresql")
         #: the next provider of a failover chain, and the chain's first (pauses park with it)
         self.fallback: Processor | None = None
         self.primary: Processor = self
@@ -758,6 +800,9 @@ class Processor:
         guard = repo.answerable(worker=self.worker_id)
 
         def write() -> str | None:
+            if self._one_statement:
+                with unit_of_work(self.db, single=True) as s:
+                    return apply_answer_at_once(s, entry, self.worker_id, self.today(), self.outbox)
             with unit_of_work(self.db) as s:
                 return apply_answer(s, entry, guard, self.today(), self.outbox)
 

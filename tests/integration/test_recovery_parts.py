@@ -237,16 +237,20 @@ def test_the_answer_write_waits_out_the_database_and_keeps_the_answer_meanwhile(
     r = redis.Redis.from_url(redis_url)
     proc.journal = AnswerJournal(r, tmp_path / "journal", "test")
     proc.sleep = lambda _: None
-    real = processing.apply_answer
     seen: list[bool] = []
 
-    def failing_once(session, entry, guard, today, outbox=None):  # type: ignore[no-untyped-def]
-        seen.append(proc.journal.get(entry.item_id) is not None)  # type: ignore[union-attr]
-        if len(seen) == 1:
-            raise sa_exc.OperationalError("INSERT", {}, ConnectionResetError())
-        return real(session, entry, guard, today, outbox)
+    def failing_once(real):  # type: ignore[no-untyped-def]
+        def write(session, entry, *args):  # type: ignore[no-untyped-def]
+            seen.append(proc.journal.get(entry.item_id) is not None)  # type: ignore[union-attr]
+            if len(seen) == 1:
+                raise sa_exc.OperationalError("INSERT", {}, ConnectionResetError())
+            return real(session, entry, *args)
 
-    monkeypatch.setattr(processing, "apply_answer", failing_once)
+        return write
+
+    # the answer's write: several statements, or one on PostgreSQL
+    for name in ("apply_answer", "apply_answer_at_once"):
+        monkeypatch.setattr(processing, name, failing_once(getattr(processing, name)))
     assert proc.process(item_id) == "succeeded"
     assert seen == [False, True]  # journaled before the second try
     assert proc.journal.get(item_id) is None
