@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -83,6 +84,10 @@ def check_url(
     return host, port, addresses
 
 
+class _Transient(SourceError):
+    """A failure worth another try: the network, a timeout, HTTP 429 or 5xx."""
+
+
 def fetch(
     url: str,
     *,
@@ -92,46 +97,67 @@ def fetch(
     resolver: Resolver = system_resolver,
     verify: Any = True,
     transport: httpx.BaseTransport | None = None,
+    attempts: int = 3,
+    backoff: float = 0.5,
 ) -> bytes:
-    """The body behind an https URL, fetched as the module's docstring says. ``verify``: a CA
-    bundle or SSL context instead of the system's; ``transport``: for tests."""
+    """The body behind an https URL, fetched as the module's docstring says; a transient
+    failure is tried again (``attempts`` in all, waiting ``backoff`` seconds, doubled each
+    time). ``verify``: a CA bundle or SSL context instead of the system's; ``transport``: for
+    tests."""
     with httpx.Client(
         timeout=timeout, follow_redirects=False, verify=verify, transport=transport
     ) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            host, port, addresses = check_url(url, allow_private=allow_private, resolver=resolver)
-            target = httpx.URL(url).copy_with(host=addresses[0])
-            default_port = port == 443
-            headers = {
-                "Host": host if default_port else f"{host}:{port}",
-                "Accept": "image/*, application/pdf",
-            }
+        for attempt in range(attempts):
             try:
-                with client.stream(
-                    "GET", target, headers=headers, extensions={"sni_hostname": host}
-                ) as resp:
-                    if resp.is_redirect:
-                        location = resp.headers.get("location")
-                        if not location:
-                            raise SourceError("the image URL redirects nowhere")
-                        url = urljoin(url, location)
-                        continue
-                    if resp.status_code != 200:
-                        raise SourceError(f"the image URL answered HTTP {resp.status_code}")
-                    declared = resp.headers.get("content-length")
-                    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                return _fetch_once(client, url, allow_private, max_bytes, resolver)
+            except _Transient as exc:
+                if attempt == attempts - 1:
+                    raise SourceError(str(exc)) from None
+                time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _fetch_once(
+    client: httpx.Client, url: str, allow_private: bool, max_bytes: int, resolver: Resolver
+) -> bytes:
+    for _ in range(MAX_REDIRECTS + 1):
+        host, port, addresses = check_url(url, allow_private=allow_private, resolver=resolver)
+        target = httpx.URL(url).copy_with(host=addresses[0])
+        headers = {
+            "Host": host if port == 443 else f"{host}:{port}",
+            "Accept": "image/*, application/pdf",
+            "Accept-Encoding": "identity",
+        }
+        try:
+            with client.stream(
+                "GET", target, headers=headers, extensions={"sni_hostname": host}
+            ) as resp:
+                if resp.is_redirect:
+                    location = resp.headers.get("location")
+                    if not location:
+                        raise SourceError("the image URL redirects nowhere")
+                    url = urljoin(url, location)
+                    continue
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    raise _Transient(f"the image URL answered HTTP {resp.status_code}")
+                if resp.status_code != 200:
+                    raise SourceError(f"the image URL answered HTTP {resp.status_code}")
+                declared = resp.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                    raise SourceError(f"the image is larger than {max_bytes} bytes")
+                body = bytearray()
+                for chunk in resp.iter_bytes():  # decoded: the cap counts what is held
+                    body += chunk
+                    if len(body) > max_bytes:
                         raise SourceError(f"the image is larger than {max_bytes} bytes")
-                    body = bytearray()
-                    for chunk in resp.iter_bytes():
-                        body += chunk
-                        if len(body) > max_bytes:
-                            raise SourceError(f"the image is larger than {max_bytes} bytes")
-                    return bytes(body)
-            except httpx.HTTPError as exc:
-                raise SourceError(
-                    f"the image URL could not be fetched ({type(exc).__name__})"
-                ) from None
-        raise SourceError(f"the image URL redirects more than {MAX_REDIRECTS} times")
+                return bytes(body)
+        except httpx.TransportError as exc:
+            raise _Transient(f"the image URL could not be fetched ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:
+            raise SourceError(
+                f"the image URL could not be fetched ({type(exc).__name__})"
+            ) from None
+    raise SourceError(f"the image URL redirects more than {MAX_REDIRECTS} times")
 
 
 def read_https_uri(uri: str, **_: Any) -> bytes:

@@ -457,6 +457,7 @@ class StreamConsumer:
             if fields:
                 try:
                     self.handle(eid, fields)
+                    self._failures.pop(eid, None)
                 except Exception as exc:
                     if is_infra_error(exc) or isinstance(exc, OutageTooLong):
                         self._retry_own = True

@@ -173,3 +173,31 @@ def test_redirect_loops_and_large_bodies_are_refused() -> None:
     gone = {"cards.example.com/a.jpg": httpx.Response(404)}
     with pytest.raises(SourceError, match="HTTP 404"):
         fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), transport=transport(gone, seen))
+
+
+def test_transient_failures_are_tried_again_and_others_are_not() -> None:
+    answers = [httpx.Response(503), httpx.Response(200, content=b"JPEG")]
+    asked: list[int] = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        asked.append(1)
+        return answers.pop(0)
+
+    assert fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), backoff=0,
+                 transport=httpx.MockTransport(flaky)) == b"JPEG"
+    assert len(asked) == 2
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        asked.append(1)
+        raise httpx.ConnectError("refused")
+
+    asked.clear()
+    with pytest.raises(SourceError, match="could not be fetched"):
+        fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), backoff=0, attempts=3,
+              transport=httpx.MockTransport(refused))
+    assert len(asked) == 3
+    asked.clear()
+    with pytest.raises(SourceError, match="HTTP 403"):
+        fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), backoff=0,
+              transport=httpx.MockTransport(lambda r: asked.append(1) or httpx.Response(403)))
+    assert len(asked) == 1
