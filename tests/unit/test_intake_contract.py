@@ -201,3 +201,12 @@ def test_transient_failures_are_tried_again_and_others_are_not() -> None:
         fetch("https://cards.example.com/a.jpg", resolver=resolver(PUBLIC), backoff=0,
               transport=httpx.MockTransport(lambda r: asked.append(1) or httpx.Response(403)))
     assert len(asked) == 1
+
+
+def test_workers_read_https_images_through_the_scheme_registry(clean_env) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.sources import open_source, read_uri
+
+    with pytest.raises(AddressRefused):  # the worker's own check, with this process's settings
+        read_uri("https://127.0.0.1:9/a.jpg")
+    with pytest.raises(SourceError, match="names one image"):
+        open_source("https://cards.example.com/")
