@@ -170,9 +170,13 @@ class Reconciler:
                     self.outbox,
                 )
                 item = s.get(Item, entry.item_id)
-                settled = item is None or (
-                    item.status in FINAL_STATUSES
-                    and not (item.status == ItemStatus.FAILED and item.reason == repo.UNKNOWN)
+                settled = (
+                    item is None
+                    or item.purged_at is not None  # retention removed its data: the answer too
+                    or (
+                        item.status in FINAL_STATUSES
+                        and not (item.status == ItemStatus.FAILED and item.reason == repo.UNKNOWN)
+                    )
                 )
             if status is not None:
                 written += 1

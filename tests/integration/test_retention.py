@@ -293,9 +293,9 @@ def test_status_counts_purged_items(db_url: str, clean_env: Path) -> None:
     assert st.by_status == {"succeeded": 1, "duplicate": 1, "failed": 1, "rejected": 1}
 
 
-def test_a_purged_item_takes_no_journaled_answer_back(db_url: str) -> None:
+def test_a_purged_item_takes_no_journaled_answer_back(db_url: str, redis_url: str) -> None:
     """An answer a lost worker journaled for an item failed as unknown is written by the
-    reconciler later, unless retention purged the item meanwhile."""
+    reconciler later, unless retention purged the item meanwhile: then the entry is dropped."""
     ids = make_batch(db_url, "b1")
     failed = ids["李四 反面.png"]
     with unit_of_work(db_url) as s:
@@ -307,6 +307,20 @@ def test_a_purged_item_takes_no_journaled_answer_back(db_url: str) -> None:
     entry = journal_entry(failed)
     with unit_of_work(db_url) as s:
         assert apply_answer(s, entry, repo.answerable(stale_before=utcnow()), utcnow()) is None
+    with unit_of_work(db_url, read_only=True) as s:
+        assert s.get(Result, failed) is None
+    # an entry left behind (Redis was away during the purge) is refused, then dropped
+    from pipeline.workflows.reconcile import Reconciler
+
+    j = journal(redis_url)
+    j.put(entry)
+    rec = Reconciler(
+        database_url=db_url, redis_client=j.redis, queue="ocr", enqueue=lambda ids: None,
+        queue_depth=lambda: 0, claim_lease=60, interval=15, provider="sandbox",
+        account="sandbox", journal=j,
+    )
+    assert rec._replay_journal() == 0
+    assert j.get(failed) is None
     with unit_of_work(db_url, read_only=True) as s:
         assert s.get(Result, failed) is None
 
