@@ -12,6 +12,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -371,6 +372,99 @@ def claim_row(
     stmt = _CLAIM if stale_before is None else _CLAIM_STALE
     row = session.connection().execute(stmt, params).first()
     return None if row is None else Claimed(*row)
+
+
+def _claim_with_attempt_statement() -> Any:
+    c = _items.c
+    before = _items.alias("before")
+    claim = (
+        update(_items)
+        .where(
+            c.id == bindparam("p_id"),
+            or_(
+                c.status == ItemStatus.QUEUED.value,
+                and_(
+                    c.status == ItemStatus.SUBMITTING.value,
+                    c.claimed_at < bindparam("p_stale_before"),
+                ),
+            ),
+        )
+        .values(
+            status=ItemStatus.SUBMITTING.value,
+            claimed_at=bindparam("p_now"),
+            claimed_by=bindparam("p_worker"),
+            updated_at=bindparam("p_now"),
+            attempts=case((c.attempts == 0, 1), else_=c.attempts),
+        )
+        .returning(
+            c.id,
+            c.batch_id,
+            c.source_uri,
+            c.sha256,
+            c.size,
+            # the count before this statement (a sub-select sees the statement's snapshot):
+            # calls made by a predecessor
+            select(before.c.attempts)
+            .where(before.c.id == c.id)
+            .scalar_subquery()
+            .label("attempts"),
+            c.pair_key,
+        )
+        .cte("c")
+    )
+    attempt = (
+        insert(_attempts)
+        .from_select(
+            ["item_id", "number", "provider", "started_at"],
+            select(
+                claim.c.id,
+                literal_column("1"),
+                bindparam("p_provider", type_=_attempts.c.provider.type),
+                bindparam("p_now", type_=_attempts.c.started_at.type),
+            ).where(claim.c.attempts == 0),
+        )
+        .returning(_attempts.c.id, _attempts.c.item_id)
+        .cte("a")
+    )
+    return select(
+        claim.c.batch_id,
+        claim.c.source_uri,
+        claim.c.sha256,
+        claim.c.size,
+        claim.c.attempts,
+        claim.c.pair_key,
+        attempt.c.id,
+    ).select_from(claim.outerjoin(attempt, attempt.c.item_id == claim.c.id))
+
+
+_CLAIM_WITH_ATTEMPT = _claim_with_attempt_statement()
+
+
+def claim_with_attempt(
+    session: Session, item_id: int, worker: str, *, stale_before: datetime, provider: str
+) -> tuple[Claimed, int | None] | None:
+    """PostgreSQL: :func:`claim_row` and, where no predecessor made calls, the first call's
+    attempt row (:func:`insert_attempt`) in one statement. None: not claimable; an attempt id
+    of None: a predecessor made calls (``Claimed.attempts``), whose leftovers the caller
+    settles before any attempt of its own."""
+    row = (
+        session.connection()
+        .execute(
+            _CLAIM_WITH_ATTEMPT,
+            {
+                "p_id": item_id,
+                "p_now": utcnow(),
+                "p_worker": worker[:128],
+                "p_stale_before": stale_before,
+                "p_provider": provider,
+            },
+        )
+        .first()
+    )
+    if row is None:
+        return None
+    *claimed, attempt_id = row
+    return Claimed(*claimed), attempt_id
 
 
 def renew_claims(session: Session, item_ids: Sequence[int], worker: str) -> int:

@@ -352,11 +352,61 @@ class Processor:
                 self.heartbeat.release(item_id)
 
     def _claim(self, item_id: int) -> str | Work:
-        """The claim, what a lost predecessor left behind, and the first call's attempt row, in
-        one transaction: the work to go on with, or the status this delivery ends with."""
+        """The claim, what a lost predecessor left behind, and the first call's attempt row:
+        the work to go on with, or the status this delivery ends with. On PostgreSQL, with a
+        provider to call, the usual case (no predecessor) is one statement."""
+        if self._one_statement:
+            route = self._route()
+            if route is not None:
+                return self._claim_at_once(item_id, route)
+        return self._claim_in_transaction(item_id)
+
+    def _claim_at_once(self, item_id: int, route: Processor) -> str | Work:
+        with unit_of_work(self.db, single=True) as s:
+            got = repo.claim_with_attempt(
+                s,
+                item_id,
+                self.worker_id,
+                stale_before=utcnow() - self.claim_lease,
+                provider=route.provider.name,
+            )
+        if got is None:
+            log.debug("item %s: not queued any more, delivery ignored", item_id)
+            return "skipped"
+        row, attempt_id = got
+        if attempt_id is None:  # a predecessor made calls: settled in a transaction
+            return self._claim_in_transaction(item_id, claimed=row)
+        via = self._via.get(row.batch_id)
+        if via is None:
+            batch = row.batch_id
+
+            def read() -> str:
+                with unit_of_work(self.db, read_only=True, single=True) as rs:
+                    return repo.batch_via(rs, batch)
+
+            via = self._via.setdefault(batch, self._outlast(read, "batch"))
+        work = Work(
+            item_id,
+            row.batch_id,
+            row.source_uri,
+            row.sha256,
+            row.size,
+            via,
+            row.pair_key,
+            attempt_id,
+            route,
+            f"{self.worker_id}/{uuid.uuid4().hex[:12]}",
+        )
+        if self.sent_marks is not None:
+            marks = self.sent_marks
+            self._outlast(lambda: marks.own(item_id, work.claimant), "claim owner")
+        return work
+
+    def _claim_in_transaction(self, item_id: int, claimed: Any = None) -> str | Work:
+        """:meth:`_claim` in one transaction; ``claimed``: the row of a claim already made."""
         applied: str | None = None
         with unit_of_work(self.db) as s:
-            row = repo.claim_row(
+            row = claimed or repo.claim_row(
                 s, item_id, self.worker_id, stale_before=utcnow() - self.claim_lease
             )
             if row is None:
