@@ -191,8 +191,10 @@ def answer_journal(settings: Settings) -> AnswerJournal:
 
 
 def retention_copies(settings: Settings) -> RedisCopies:
-    """What a purge removes in Redis: journal entries, result keys, the results stream."""
-    return RedisCopies(redis_client(settings), answer_journal(settings), settings.results_stream)
+    """What a purge removes in Redis: journal entries, result keys, content claims, the
+    results stream."""
+    r = redis_client(settings)
+    return RedisCopies(r, answer_journal(settings), settings.results_stream, ContentClaims(r))
 
 
 def build_reconciler(settings: Settings, queue: WorkQueue) -> Reconciler:

@@ -6,6 +6,8 @@ meet identical bytes at the same moment must agree on which one pays. ``SET NX``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import redis
 
 #: long enough to cover a backfill's in-flight window; afterwards SQL knows the outcome
@@ -24,3 +26,13 @@ class ContentClaims:
             return item_id
         owner = self._r.get(key)
         return int(owner) if owner is not None else item_id
+
+    def release(self, held: Sequence[tuple[str, int]]) -> int:
+        """Remove the claims these (sha256, item) pairs still hold (their items were purged:
+        the same bytes seen again must not become duplicates of an answer that is gone)."""
+        if not held:
+            return 0
+        keys = [f"{self._prefix}:sha:{sha}" for sha, _ in held]
+        owners = self._r.mget(keys)
+        mine = [k for k, (_, i), o in zip(keys, held, owners, strict=True) if o == str(i).encode()]
+        return int(self._r.delete(*mine)) if mine else 0

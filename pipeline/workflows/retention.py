@@ -10,7 +10,9 @@ What a purge removes from an item that reached a final status before the cut-off
 * the caller's metadata on the request that brought it in (``requests.meta``);
 * its copies in Redis (:class:`RedisCopies`): its entry in the answer journal, if one was left
   behind, and the result key its request's caller reads (``idocr:result:<idempotency key>``);
-  a purge by age also trims the results stream of every event older than the cut-off.
+  a purge by age also trims the results stream of every event older than the cut-off. The
+  claim its content still holds (``idocr:sha:<sha256>``) goes too, so the same bytes seen again
+  are sent again rather than pointed at an answer that is gone.
 
 What it keeps, for billing and audit: the item (status, reason, code, message, ocrid, attempt
 count, sha256, size, timestamps), its attempts, the result row's provider, side and quality
@@ -39,6 +41,7 @@ from sqlalchemy import Text, and_, func, literal, select, tuple_, update
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.orm import Session
 
+from pipeline.coordination.dedupe import ContentClaims
 from pipeline.coordination.journal import AnswerJournal
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import FINAL_STATUSES, Item, Request, Result, utcnow
@@ -69,8 +72,11 @@ CHUNK = 1000
 class Copies(Protocol):
     """Where personal copies of items live outside the database."""
 
-    def forget(self, item_ids: Sequence[int], request_keys: Sequence[str]) -> tuple[int, int]:
-        """Remove what is kept for these items and requests: (journal entries, result keys)."""
+    def forget(
+        self, items: Sequence[tuple[int, str | None]], request_keys: Sequence[str]
+    ) -> tuple[int, int]:
+        """Remove what is kept for these (item id, sha256) and requests: (journal entries,
+        result keys)."""
         ...
 
     def trim_before(self, cutoff: datetime) -> int:
@@ -81,14 +87,25 @@ class Copies(Protocol):
 class RedisCopies:
     """The answer journal, the requests' result keys and the results stream, in Redis."""
 
-    def __init__(self, client: redis.Redis, journal: AnswerJournal, stream: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        journal: AnswerJournal,
+        stream: str,
+        claims: ContentClaims | None = None,
+    ) -> None:
         self.redis = client
         self.journal = journal
         self.stream = stream
+        self.claims = claims
 
-    def forget(self, item_ids: Sequence[int], request_keys: Sequence[str]) -> tuple[int, int]:
-        entries = self.journal.forget(item_ids)
+    def forget(
+        self, items: Sequence[tuple[int, str | None]], request_keys: Sequence[str]
+    ) -> tuple[int, int]:
+        entries = self.journal.forget([item_id for item_id, _ in items])
         keys = int(self.redis.delete(*map(result_key, request_keys))) if request_keys else 0
+        if self.claims is not None:
+            self.claims.release([(sha, item_id) for item_id, sha in items if sha])
         return entries, keys
 
     def trim_before(self, cutoff: datetime) -> int:
@@ -161,14 +178,15 @@ def _eligible(cutoff: datetime | None, batch_id: str | None) -> Any:
 
 def purge_chunk(
     session: Session, item_ids: Sequence[int], now: datetime
-) -> tuple[list[int], int, list[str]]:
-    """Purge these items (those still final and not purged): (purged ids, results emptied, the
-    idempotency keys of the requests cleared). The caller commits."""
+) -> tuple[list[tuple[int, str | None]], int, list[str]]:
+    """Purge these items (those still final and not purged): ((id, sha256) of the items purged,
+    results emptied, the idempotency keys of the requests cleared). The caller commits."""
     if not item_ids:
         return [], 0, []
     placeholder = literal(PURGED_PREFIX) + sql_cast(Item.id, Text)
-    done = list(
-        session.scalars(
+    purged = [
+        (int(item_id), sha)
+        for item_id, sha in session.execute(
             update(Item)
             .where(
                 one_of(session, Item.id, item_ids),
@@ -185,12 +203,13 @@ def purge_chunk(
                     Item.updated_at: Item.updated_at,
                 }
             )
-            .returning(Item.id)
+            .returning(Item.id, Item.sha256)
             .execution_options(synchronize_session=False)
         )
-    )
-    if not done:
+    ]
+    if not purged:
         return [], 0, []
+    done = [item_id for item_id, _ in purged]
     res = session.execute(
         update(Result)
         .where(one_of(session, Result.item_id, done))
@@ -204,7 +223,7 @@ def purge_chunk(
         .returning(Request.idempotency_key)
         .execution_options(synchronize_session=False)
     )
-    return done, cast("Any", res).rowcount or 0, list(keys)
+    return purged, cast("Any", res).rowcount or 0, list(keys)
 
 
 def count_eligible(

@@ -17,6 +17,7 @@ import redis
 from sqlalchemy import select, text, update
 
 from pipeline.config import Settings
+from pipeline.coordination.dedupe import ContentClaims
 from pipeline.coordination.journal import AnswerJournal, Entry
 from pipeline.outputs.records import records, write_csv, write_jsonl
 from pipeline.providers.base import Outcome, ProviderResult
@@ -148,7 +149,12 @@ def test_purge_removes_personal_data_and_keeps_the_audit(db_url: str, redis_url:
     old_ms = int((utcnow() - timedelta(days=40)).timestamp() * 1000)
     r.xadd(stream, {"body": "old"}, id=f"{old_ms}-0")
     r.xadd(stream, {"body": "new"})
-    copies = RedisCopies(r, j, stream)
+    claims = ContentClaims(r)
+    with unit_of_work(db_url, read_only=True) as s:
+        shas = {i.id: i.sha256 for i in s.scalars(select(Item))}
+    assert claims.first(shas[first], first) == first
+    assert claims.first(shas[young_first], young_first) == young_first
+    copies = RedisCopies(r, j, stream, claims)
     with unit_of_work(db_url, read_only=True) as s:
         before = {i.id: (i.status, i.code, i.ocrid, i.attempts, i.sha256) for i in s.scalars(select(Item))}
         attempts_before = s.scalar(select(text("count(*)")).select_from(Attempt))
@@ -186,6 +192,9 @@ def test_purge_removes_personal_data_and_keeps_the_audit(db_url: str, redis_url:
     assert j.get(first) is None and j.get(young_first) is not None
     assert r.get(result_key("req-old")) is None and r.get(result_key("req-young")) is not None
     assert [fields[b"body"] for _, fields in r.xrange(stream)] == [b"new"]
+    # the bytes of a purged item, seen again, are not a duplicate of an answer that is gone
+    assert claims.first(shas[first], 10_000) == 10_000
+    assert claims.first(shas[young_first], 10_001) == young_first
 
     # a second pass finds nothing more to do
     again = purge(db_url, older_than=timedelta(days=30), copies=copies)
