@@ -106,6 +106,8 @@ class Intake:
         self.attempts = attempts
         #: batches known to exist and send bytes (their look-up is skipped)
         self._batches: set[str] = set()
+        #: item ids waiting for :meth:`release` (None: enqueued at once)
+        self._held: list[int] | None = None
 
     @classmethod
     def from_settings(
@@ -358,6 +360,22 @@ class Intake:
         return outcome, []
 
     def _send(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        if self._held is not None:
+            self._held.extend(ids)
+        elif self.enqueue is not None:
+            self.enqueue(ids)
+
+    def hold(self) -> None:
+        """From now on, keep the ids to enqueue until :meth:`release` (one message batch for
+        many requests: a stream consumer's read)."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Enqueue what is held (and go on holding)."""
+        ids, self._held = self._held or [], []
         if ids and self.enqueue is not None:
             self.enqueue(ids)
 
@@ -400,6 +418,9 @@ class StreamConsumer:
 
     #: entries per read
     COUNT = 50
+    #: requests recorded before their items are enqueued (one message batch) and their entries
+    #: acknowledged: at most this many wait on each other
+    SETTLE_EVERY = 10
     #: attempts at an entry that fails on something other than the infrastructure before it is
     #: refused as an internal error (answered, acknowledged)
     MAX_FAILURES = 3
@@ -416,6 +437,7 @@ class StreamConsumer:
         block: float = 2.0,
     ) -> None:
         self.intake = intake
+        self.intake.hold()
         self.redis = client
         self.stream = stream
         self.group = group
@@ -451,24 +473,38 @@ class StreamConsumer:
                 self._group_ready = False
                 return 0
             raise
-        done = 0
-        for entry_id, fields in entries:
-            eid = _text(entry_id)
-            if fields:
-                try:
-                    self.handle(eid, fields)
-                    self._failures.pop(eid, None)
-                except Exception as exc:
-                    if is_infra_error(exc) or isinstance(exc, OutageTooLong):
-                        self._retry_own = True
-                        raise
-                    if not self._failed(eid, exc, fields):
-                        self._retry_own = True
-                        continue
-            self.ack(eid)
-            done += 1
-        self.handled += done
-        return done
+        done: list[str] = []
+        handled = 0
+        try:
+            for entry_id, fields in entries:
+                eid = _text(entry_id)
+                if fields:
+                    try:
+                        self.handle(eid, fields)
+                        self._failures.pop(eid, None)
+                    except Exception as exc:
+                        if is_infra_error(exc) or isinstance(exc, OutageTooLong):
+                            self._retry_own = True
+                            raise
+                        if not self._failed(eid, exc, fields):
+                            self._retry_own = True
+                            continue
+                done.append(eid)
+                if len(done) >= self.SETTLE_EVERY:
+                    handled += self._settle(done)
+                    done = []
+        finally:
+            # what was recorded is enqueued, then acknowledged (an entry is never acknowledged
+            # before its item is on the queue; a failure here leaves it to be read again)
+            if done:
+                handled += self._settle(done)
+        return handled
+
+    def _settle(self, entry_ids: list[str]) -> int:
+        self.intake.release()
+        self.ack(*entry_ids)
+        self.handled += len(entry_ids)
+        return len(entry_ids)
 
     def _next_entries(self) -> list[tuple[Any, Any]]:
         if self._retry_own:
@@ -550,11 +586,11 @@ class StreamConsumer:
         )
         return True
 
-    def ack(self, entry_id: str) -> None:
-        # the request is recorded in SQL: the entry is acknowledged and removed
+    def ack(self, *entry_ids: str) -> None:
+        # the requests are recorded in SQL: the entries are acknowledged and removed
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xack(self.stream, self.group, entry_id)
-        pipe.xdel(self.stream, entry_id)
+        pipe.xack(self.stream, self.group, *entry_ids)
+        pipe.xdel(self.stream, *entry_ids)
         pipe.execute()
 
     def run(self, stop: threading.Event) -> None:
