@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
+    Text,
     and_,
     any_,
     bindparam,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -102,10 +104,25 @@ def one_of(session: Session, column: Any, values: Iterable[Any]) -> Any:
     return column.in_(vals)
 
 
+def name_in(session: Session, column: Any, names: Iterable[str]) -> Any:
+    """``column IN names`` for a sealed name column (:mod:`pipeline.storage.names`): matches a
+    name sealed under any key of the ring, or written before there was one, so a new key put
+    first (before ``idocr keys rotate``) or a key added later never makes a rescan take its
+    files again."""
+    ring = active_ring()
+    vals = list(names)
+    if not ring.enabled:
+        return one_of(session, column, vals)
+    context = column.type.context
+    stored = [t for v in vals for t in ring.seal_fixed_all(v, context)] + vals
+    # compared as stored: the tokens are already sealed
+    return one_of(session, type_coerce(column, Text), stored)
+
+
 def existing_keys(session: Session, batch_id: str, keys: Sequence[str]) -> set[tuple[str, str]]:
     rows = session.execute(
         select(Item.source_key, Item.fingerprint).where(
-            Item.batch_id == batch_id, one_of(session, Item.source_key, keys)
+            Item.batch_id == batch_id, name_in(session, Item.source_key, keys)
         )
     )
     return {(k, f) for k, f in rows}
@@ -177,7 +194,7 @@ def judged_at_location(
             Item.duplicate_of,
         )
         .where(
-            one_of(session, Item.source_uri, {u for u, _ in wanted}),
+            name_in(session, Item.source_uri, {u for u, _ in wanted}),
             Item.status.in_((ItemStatus.SUCCEEDED, ItemStatus.DUPLICATE, ItemStatus.REJECTED)),
         )
         .order_by(Item.id)

@@ -3,13 +3,16 @@ look-up by name still works on the tokens; an item's message never keeps an ID n
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from sqlalchemy import text
+import pytest
+from sqlalchemy import select, text
 
 from pipeline.storage import repo
+from pipeline.storage.crypto import new_key_entry
 from pipeline.storage.db import unit_of_work
-from pipeline.storage.models import ItemStatus
+from pipeline.storage.models import Item, ItemStatus
 
 ID_A = "110101199003074514"
 URI = "s3://scans/2026-11/"
@@ -68,3 +71,30 @@ def test_an_items_message_never_keeps_an_id_number(db_url: str) -> None:
         )
     msgs = [m for (m,) in _raw(db_url, "SELECT msg FROM items ORDER BY id")]
     assert len(msgs) == 2 and all(m and ID_A not in m and "cannot read" in m for m in msgs), msgs
+
+
+def test_rescans_find_names_under_an_older_key_and_without_one(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new key put first (before `idocr keys rotate`), or a key added to a database written
+    without one: a rescan still finds every name and adds nothing."""
+    old = os.environ["IDOCR_DATA_KEYS"]
+    monkeypatch.setenv("IDOCR_DATA_KEYS", "")  # the embedded database, without a key
+    plain = [f"plain/{ID_A}.jpg"]
+    with unit_of_work(db_url) as s:
+        repo.get_or_create_batch(s, "b1", URI, "sandbox")
+        repo.add_items(s, "b1", [repo.NewItem(plain[0], URI + plain[0], "etag:p", etag="p")])
+    monkeypatch.setenv("IDOCR_DATA_KEYS", old)
+    sealed = [f"old/{ID_A}.jpg"]
+    with unit_of_work(db_url) as s:
+        repo.add_items(s, "b1", [repo.NewItem(sealed[0], URI + sealed[0], "etag:o", etag="o")])
+        for item_id in s.scalars(select(Item.id)):
+            repo.set_status(s, item_id, ItemStatus.SUCCEEDED)
+    monkeypatch.setenv("IDOCR_DATA_KEYS", f"{new_key_entry('next')},{old}")
+    both = plain + sealed
+    with unit_of_work(db_url) as s:
+        assert repo.existing_keys(s, "b1", both) == {(plain[0], "etag:p"), (sealed[0], "etag:o")}
+        rows = [repo.NewItem(k, URI + k, f"etag:{e}", etag=e) for k, e in zip(both, "po", strict=True)]
+        assert repo.add_items(s, "b1", rows) == []
+        judged = repo.judged_at_location(s, [(URI + k, e) for k, e in zip(both, "po", strict=True)])
+        assert len(judged) == 2
