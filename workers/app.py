@@ -193,6 +193,15 @@ def _stop_relay(**_: object) -> None:
         _relay.stop()
 
 
+@signals.task_postrun.connect
+def _wake_relay(**_: object) -> None:
+    # a task just committed (with the threads pool, in this process): its event goes out now
+    # rather than at the relay's next poll; in a prefork child there is no relay to wake
+    wake = getattr(getattr(_relay, "relay", None), "wake", None)
+    if wake is not None:
+        wake()
+
+
 @signals.worker_init.connect
 @signals.worker_process_init.connect
 def _switch_interval(**_: object) -> None:

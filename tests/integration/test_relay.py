@@ -32,14 +32,14 @@ TRUTH = json.loads((EXAMPLES / "truth.json").read_text(encoding="utf-8"))["image
 SECRET = b"whsec-test-only"
 
 CONSUMER = r"""
-import json, sys, redis
-r = redis.Redis.from_url(sys.argv[1])
+import json, sys, time, redis
+r = redis.Redis.from_url(sys.argv[1], socket_timeout=30)
 want, stream = int(sys.argv[2]), sys.argv[3]
-seen, last = [], "0"
-while len(seen) < want:
-    got = r.xread({stream: last}, block=20000, count=500)
+seen, last, deadline = [], "0", time.monotonic() + 90
+while len(seen) < want and time.monotonic() < deadline:
+    got = r.xread({stream: last}, block=1000, count=500)
     if not got:
-        break
+        continue
     for _, entries in got:
         for entry_id, fields in entries:
             last = entry_id
