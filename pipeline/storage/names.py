@@ -15,8 +15,11 @@ An item's message is stored with any ID number in it masked (:class:`RedactedTex
 A value written without a key (the embedded database without ``IDOCR_DATA_KEYS``, or a name
 replaced by :mod:`pipeline.workflows.retention`) is read back as it is.
 
-Look-ups match values sealed under the current key: after a new key is put first, names written
-under the older one are found again once ``idocr keys rotate`` has re-sealed them.
+A parameter compared with such a column is sealed under the current key. The rescan look-ups
+(:func:`pipeline.storage.repo.name_in`) also try every other key of the ring and the plain name,
+so a new key put first, or a key added to a database written without one, never makes a rescan
+take its files again; the two sides of a card sealed under different keys pair once
+``idocr keys rotate`` has re-sealed them.
 """
 
 from __future__ import annotations
