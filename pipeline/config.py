@@ -433,13 +433,20 @@ class Settings(BaseSettings):
         if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
             raise ConfigError("IDOCR_WEBHOOK_URL must be an http:// or https:// URL")
         if (
-            min(self.relay_interval, self.webhook_retry_for, self.webhook_retry_initial) <= 0
+            min(
+                self.relay_interval,
+                self.webhook_retry_for,
+                self.webhook_retry_initial,
+                self.schedule_tick,
+            )
+            <= 0
             or self.webhook_retry_max < self.webhook_retry_initial
             or self.relay_batch < 1
         ):
             raise ConfigError(
-                "IDOCR_RELAY_INTERVAL, IDOCR_WEBHOOK_RETRY_FOR and IDOCR_WEBHOOK_RETRY_INITIAL "
-                "must be positive, IDOCR_WEBHOOK_RETRY_MAX at least the initial wait and "
+                "IDOCR_RELAY_INTERVAL, IDOCR_WEBHOOK_RETRY_FOR, IDOCR_WEBHOOK_RETRY_INITIAL and "
+                "IDOCR_SCHEDULE_TICK must be positive, IDOCR_WEBHOOK_RETRY_MAX at least the "
+                "initial wait and "
                 "IDOCR_RELAY_BATCH at least 1"
             )
         names = [s.name for s in self.schedules]
