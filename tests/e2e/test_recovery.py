@@ -43,6 +43,7 @@ class Cluster:
         self.redis = redis_server
         self.proxy = proxy
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.scans: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         proxied = db_url.replace(":5432/", f":{proxy.port}/")
         self.env = idocr_env(
@@ -86,10 +87,21 @@ class Cluster:
         return batch
 
     def scan(self, folder: Path) -> str:
-        res = subprocess.run([*IDOCR, "scan", str(folder)], env=self.env, capture_output=True,
-                             text=True, timeout=120, cwd=self.tmp, check=False)
-        assert res.returncode == 0, res.stderr
-        return res.stdout.strip().splitlines()[-1]
+        """Starts ``idocr scan`` of ``folder`` into a batch named here and returns at once: the
+        workers bill while the command is still exiting, so waiting for it first could let the
+        whole batch finish before a fault is set off. Its exit is checked by :meth:`wait_final`."""
+        batch = f"chaos-{len(self.scans)}"
+        path = self.tmp / f"scan-{len(self.scans)}.log"
+        self.logs.append(path)
+        log = path.open("wb")
+        self.scans.append(subprocess.Popen([*IDOCR, "scan", str(folder), "--batch", batch],
+                                           env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           cwd=self.tmp))
+        return batch
+
+    def scans_done(self) -> None:
+        for proc in self.scans:
+            assert proc.wait(timeout=120) == 0, self.diagnose()
 
     def counts(self, batch: str) -> tuple[dict[str, int], int]:
         with unit_of_work(self.db_url, read_only=True) as s:
@@ -116,6 +128,7 @@ class Cluster:
     def wait_final(self, batch: str, bound: float) -> float:
         """Seconds until every item of the batch is final; fails past ``bound``."""
         t0 = time.monotonic()
+        self.scans_done()
         while True:
             counts, pending = self.counts(batch)
             if pending == 0:
@@ -134,6 +147,10 @@ class Cluster:
         return "\n".join(tails)
 
     def stop(self) -> None:
+        for scan in self.scans:
+            if scan.poll() is None:
+                scan.kill()
+                scan.wait()
         for p in self.procs:
             kill_group(p, signal.SIGTERM)
         for p in self.procs:
