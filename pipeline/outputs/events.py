@@ -19,12 +19,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Integer, String, insert, literal, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
-from pipeline.storage.models import Event, Item, JsonType, utcnow
+from pipeline.storage.models import Event, Item, utcnow
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -69,50 +70,67 @@ def emit(
         raise ValueError(f"unknown event kind {kind!r}")
     eid = event_id or new_event_id()
     when = now or utcnow()
-    state = PENDING if webhook else NO_DELIVERY
-    payload = dict(data or {})
+    params = {
+        "event_id": eid,
+        "kind": kind,
+        "item_id": item_id,
+        "batch_id": batch_id,
+        "request_id": request_id,
+        "data": dict(data or {}),
+        "created_at": when,
+        "delivery_state": PENDING if webhook else NO_DELIVERY,
+        "delivery_attempts": 0,
+        "next_delivery_at": when if webhook else None,
+    }
     if item_id is not None and batch_id is None:
-        cols = [
-            Event.event_id,
-            Event.kind,
-            Event.item_id,
-            Event.batch_id,
-            Event.request_id,
-            Event.data,
-            Event.created_at,
-            Event.delivery_state,
-            Event.delivery_attempts,
-            Event.next_delivery_at,
-        ]
-        sel = select(
-            literal(eid, String()),
-            literal(kind, String()),
-            Item.id,
-            Item.batch_id,
-            literal(request_id, Event.request_id.type),
-            literal(payload, JsonType),
-            literal(when, Event.created_at.type),
-            literal(state, String()),
-            literal(0, Integer()),
-            literal(when if webhook else None, Event.next_delivery_at.type),
-        ).where(Item.id == item_id)
-        session.execute(insert(Event).from_select(cols, sel))
-        return eid
-    session.execute(
-        insert(Event).values(
-            event_id=eid,
-            kind=kind,
-            item_id=item_id,
-            batch_id=batch_id,
-            request_id=request_id,
-            data=payload,
-            created_at=when,
-            delivery_state=state,
-            delivery_attempts=0,
-            next_delivery_at=when if webhook else None,
-        )
-    )
+        session.execute(_from_item(), params)
+    else:
+        session.execute(_plain(), params)
     return eid
+
+
+# The two statements, built once per process (compiling them per event cost more than the
+# INSERT itself); every value is a bound parameter.
+_COLUMNS = (
+    "event_id",
+    "kind",
+    "item_id",
+    "batch_id",
+    "request_id",
+    "data",
+    "created_at",
+    "delivery_state",
+    "delivery_attempts",
+    "next_delivery_at",
+)
+
+
+def _events_table() -> Table:
+    # Core, not the ORM's bulk insert: the statements are executed with one dict of parameters
+    return cast(Table, Event.__table__)
+
+
+@lru_cache(maxsize=1)
+def _plain() -> Any:
+    return insert(_events_table()).values(
+        {c: bindparam(c, type_=Event.__table__.c[c].type) for c in _COLUMNS}
+    )
+
+
+@lru_cache(maxsize=1)
+def _from_item() -> Any:
+    """``INSERT … SELECT``: the batch read from the item in the same statement."""
+    table = _events_table()
+    picked = [
+        Item.id
+        if c == "item_id"
+        else Item.batch_id
+        if c == "batch_id"
+        else bindparam(c, type_=table.c[c].type)
+        for c in _COLUMNS
+    ]
+    sel = select(*picked).where(Item.id == bindparam("item_id", type_=Item.__table__.c.id.type))
+    return insert(table).from_select([table.c[c] for c in _COLUMNS], sel)
 
 
 @dataclass(frozen=True, slots=True)
