@@ -24,7 +24,7 @@ EXIT_OK, EXIT_ERROR, EXIT_INCOMPLETE = 0, 1, 3
 err = Console(stderr=True, soft_wrap=True)
 
 #: the parts of an event shown one per line (the rest with --json)
-_SHOWN = ("kind", "status", "reason", "code", "item_id", "batch_id")
+_SHOWN = ("kind", "status", "reason", "detail", "code", "item_id", "batch")
 
 
 def masked(event: Any) -> Any:
@@ -39,15 +39,21 @@ def _lines(event: dict[str, Any]) -> list[str]:
         value = event.get(name, data.get(name) if data else None)
         if value is not None:
             out.append(f"{name}: {value}")
-    for holder in (event, data or {}):
-        for section in ("result", "fields", "record"):
-            fields = holder.get(section)
-            if isinstance(fields, dict):
-                for k, v in fields.items():
-                    if v in (None, "", {}, []):
-                        continue
-                    text = json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v
-                    out.append(f"{k}: {text}")
+    # the recognised fields (an item.finished event's "fields"), once
+    fields: dict[str, Any] = next(
+        (
+            holder[section]
+            for holder in (event, data or {})
+            for section in ("fields", "result", "record")
+            if isinstance(holder.get(section), dict)
+        ),
+        {},
+    )
+    for k, v in fields.items():
+        if v in (None, "", {}, []):
+            continue
+        text = json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v
+        out.append(f"{k}: {text}")
     return out
 
 

@@ -210,3 +210,16 @@ def test_workers_read_https_images_through_the_scheme_registry(clean_env) -> Non
         read_uri("https://127.0.0.1:9/a.jpg")
     with pytest.raises(SourceError, match="names one image"):
         open_source("https://cards.example.com/")
+
+
+def test_idocr_submit_prints_an_answer_masked_and_its_fields_once() -> None:
+    from pipeline.intake_cli import _lines, masked
+
+    event = {"kind": "item.finished", "status": "succeeded", "batch": "intake-20261130", "item_id": 3,
+             "fields": {"name": "高娟", "id_number": "110101195803020700", "valid_to": None},
+             "record": {"name": "高娟", "id_number": "110101195803020700"},
+             "request": {"idempotency_key": "crm-1", "meta": {"customer": "4711"}}}
+    lines = _lines(masked(event))
+    assert lines == ["kind: item.finished", "status: succeeded", "item_id: 3", "batch: intake-20261130",
+                     "name: 高*", "id_number: 110101********0700"]
+    assert "110101195803020700" not in json.dumps(masked(event), ensure_ascii=False)
