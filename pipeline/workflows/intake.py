@@ -193,7 +193,7 @@ class Intake:
             ref = self.locate(request)
         except BadRequest as bad:
             bad.key = request.key
-            return self.reject(bad, channel)
+            return self.reject(bad, channel, meta=request.metadata)
         # sealed at rest by the column (requests.meta, the key ring of IDOCR_DATA_KEYS)
         meta = request.metadata or {}
         batch_id = request.batch or intake_batch_id()
@@ -218,10 +218,15 @@ class Intake:
         raise AssertionError("unreachable")
 
     def reject(
-        self, bad: BadRequest, channel: str = "stream", entry_id: str | None = None
+        self,
+        bad: BadRequest,
+        channel: str = "stream",
+        entry_id: str | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> Outcome:
         """Record a refused request (under a key derived from ``entry_id`` when it has none of
-        its own) with a ``request.rejected`` event."""
+        its own) with a ``request.rejected`` event; ``meta``: its metadata, when it could be
+        read (echoed back like an accepted request's)."""
         key = bad.key or contract.synthetic_key(self.stream, entry_id or _now_id())
         for attempt in range(self.attempts):
             try:
@@ -235,7 +240,7 @@ class Intake:
                             channel=channel,
                             status=REJECTED,
                             reason=bad.text[:2000],
-                            meta={},
+                            meta=meta or {},
                         )
                         s.add(req)
                         s.flush()
@@ -266,7 +271,7 @@ class Intake:
                     "batch: it sends images to the provider by URL; name another batch",
                     request.key,
                 )
-                return self._reject_in(s, conflict, channel), []
+                return self._reject_in(s, conflict, channel, meta), []
         row = to_new_item(ref, self.allowed)
         if ref.sha256 is None:
             # not read here (S3, https): the worker finds identical bytes when it reads them
@@ -301,14 +306,14 @@ class Intake:
         to_send = [item.id] if item.status == ItemStatus.QUEUED else []
         return Outcome(request.key, ACCEPTED, req.id, item_id=answered_by), to_send
 
-    def _reject_in(self, s: Session, bad: BadRequest, channel: str) -> Outcome:
+    def _reject_in(self, s: Session, bad: BadRequest, channel: str, meta: Any) -> Outcome:
         assert bad.key is not None
         req = Request(
             idempotency_key=bad.key,
             channel=channel,
             status=REJECTED,
             reason=bad.text[:2000],
-            meta={},
+            meta=meta,
         )
         s.add(req)
         s.flush()

@@ -245,8 +245,11 @@ def test_entries_of_a_killed_consumer_are_taken_over_and_handled_once(pg_url: st
 def test_private_urls_only_when_allowed(pg_url: str, allow: bool) -> None:
     sent: list[int] = []
     intake = make_intake(pg_url, [], sent, allow_private=allow)
-    out = intake.submit(IntakeRequest(image="https://127.0.0.1:9/a.jpg", key="k-url"), "stream")
+    out = intake.submit(IntakeRequest(image="https://127.0.0.1:9/a.jpg", key="k-url", metadata={"crm": "1"}),
+                        "stream")
     assert out.status == ("accepted" if allow else "rejected")
+    # the metadata is kept (and echoed back) either way
+    assert rows(pg_url)[0][0].meta == {"crm": "1"}
     if not allow:
         assert out.reason and out.reason.startswith(contract.PRIVATE_ADDRESS)
     else:
