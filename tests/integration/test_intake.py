@@ -414,3 +414,21 @@ def test_the_same_bytes_under_another_key_are_answered_with_the_originals_result
     assert [a["status"] for a in answers] == ["succeeded", "succeeded"]
     assert answers[0]["fields"]["name"] == answers[1]["fields"]["name"] == "高娟"
     assert second.item_id == first.item_id and len(rows(pg_url)[1]) == 2  # the copy has its item
+
+
+def test_a_stream_lost_with_its_group_is_consumed_again(pg_url: str, redis_url: str) -> None:
+    """A Redis restarted empty takes the stream and its group with it: the consumer creates the
+    group again and goes on with what is added next."""
+    r = redis.Redis.from_url(redis_url)
+    sent: list[int] = []
+    consumer = StreamConsumer(make_intake(pg_url, [], sent), r, stream=STREAM, block=0.1)
+    r.xadd(STREAM, {"request": json.dumps({"image": "s3://b/1.jpg", "key": "before"})})
+    while consumer.handled < 1:
+        consumer.poll_once()
+    r.delete(STREAM)
+    consumer.poll_once()  # finds no group
+    r.xadd(STREAM, {"request": json.dumps({"image": "s3://b/2.jpg", "key": "after"})})
+    deadline = time.monotonic() + 10
+    while consumer.handled < 2 and time.monotonic() < deadline:
+        consumer.poll_once()
+    assert sorted(q.idempotency_key for q in rows(pg_url)[0]) == ["after", "before"]
