@@ -48,6 +48,25 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def server_cpu(name: str) -> float:
+    """user + system CPU of every process called ``name`` (PostgreSQL's backends, Redis)."""
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if (d / "comm").read_text().strip() != name:
+                continue
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:13]) / TICK
+    return total
+
+
+OTHERS: dict[str, float] = {}
+
+
 def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox, work: Path) -> tuple[float, float]:
     own = OwnRedis(work / "redis")
     try:
@@ -78,6 +97,8 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                                             "--format", "raw", "-o", args.spy, "--nonblocking", "--gil"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+                pg0, redis0 = server_cpu("postgres"), server_cpu("redis-server")
+                emu0 = cpu_seconds(sandbox._proc.pid)
                 billed0 = sandbox.stats()["billed"]
                 t0 = time.perf_counter()
                 assert billed0 == 0, "one pipeline run per sandbox"
@@ -99,6 +120,9 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                 engine.dispose()
                 t_end = time.time()
                 cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
+                OTHERS["PostgreSQL"] = server_cpu("postgres") - pg0
+                OTHERS["Redis"] = server_cpu("redis-server") - redis0
+                OTHERS["emulator"] = cpu_seconds(sandbox._proc.pid) - emu0
                 if spy is not None:
                     spy.send_signal(2)
                     spy.wait()
@@ -258,6 +282,8 @@ def main() -> None:
     print(f"  pipeline    {rate:7.1f} images/s   {cpu * 1000:6.1f} ms CPU per image (worker processes)")
     print(f"  bare client {bare_rate:7.1f} images/s   {bare_cpu * 1000:6.1f} ms CPU per image")
     print(f"  ratio pipeline / bare client: {rate / bare_rate:.2f}")
+    others = ", ".join(f"{k} {v / args.images * 1000:.1f} ms" for k, v in OTHERS.items())
+    print(f"  during the pipeline run, CPU per image of the other processes: {others}")
 
 
 if __name__ == "__main__":

@@ -429,14 +429,14 @@ class Relay:
                 log.warning("event relay pass failed (%s)", type(exc).__name__)
                 stop.wait(min(30.0, self.interval * 2**failures))
                 continue
-            if rep.busy:
-                continue
+            # run_once stops at a chunk that was not full: what is left is fresh. Woken by a
+            # finished task, a quiet relay goes at once (one event's latency); one that just
+            # published waits the interval, so a steady stream goes out in chunks rather than a
+            # pass (half a dozen statements) per event.
             woken = self._wake.wait(self.interval)
             self._wake.clear()
             if woken:
-                # a burst of wake-ups (one per finished task) makes one pass per short gap,
-                # so events still go out in batches
-                stop.wait(min(0.05, self.interval / 4))
+                stop.wait(self.interval if rep.busy else min(0.05, self.interval / 4))
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Publish until nothing is waiting for the stream (``idocr run`` before it exits);
