@@ -3,6 +3,7 @@ run: the sandbox in a process of its own, no rate limit, zero (or a fixed) laten
 
     python bench/bench_overhead.py --images 300 --workers 2 --concurrency 8 [--sqlite] [--latency 0.2]
     python bench/bench_overhead.py --profile 200      # CPU per stage, one worker thread in-process
+    python bench/bench_overhead.py --pool gevent      # needs `pip install gevent` (not a dependency)
 
 The pipeline: `idocr worker` processes (plain Celery, thread pool unless --pool) on PostgreSQL
 (or SQLite) and a Redis of the bench's own; `idocr scan` of the folder, timed to the last item
