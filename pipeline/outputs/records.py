@@ -65,25 +65,8 @@ FIELDS = (
     "updated_at",
     "purged_at",
 )
-#: what a purged record leaves out (pipeline.workflows.retention): the person, and the names
-PURGED_FIELDS = frozenset(
-    {
-        "name",
-        "gender",
-        "ethnicity",
-        "date_of_birth",
-        "domicile",
-        "id_number",
-        "issue_authority",
-        "valid_from",
-        "valid_to",
-        "checks",
-    }
-)
-#: the status a purged record is exported with (the item keeps its own in the database)
-PURGED = "purged"
-_RESULT_FIELDS = (
-    "side",
+#: what a card says of its holder and of itself: the result's recognised, personal fields
+CARD_FIELDS = (
     "name",
     "gender",
     "ethnicity",
@@ -93,9 +76,12 @@ _RESULT_FIELDS = (
     "issue_authority",
     "valid_from",
     "valid_to",
-    "quality",
-    "checks",
 )
+#: what a purged record leaves out (pipeline.workflows.retention): the person, and the names
+PURGED_FIELDS = frozenset({*CARD_FIELDS, "checks"})
+#: the status a purged record is exported with (the item keeps its own in the database)
+PURGED = "purged"
+_RESULT_FIELDS = ("side", *CARD_FIELDS, "quality", "checks")
 
 
 def utc_iso(value: datetime | None) -> str | None:

@@ -385,7 +385,15 @@ class Processor:
                     return repo.batch_via(rs, batch)
 
             via = self._via.setdefault(batch, self._outlast(read, "batch"))
-        work = Work(
+        work = self._work_of(item_id, row, via, attempt_id, route)
+        if self.sent_marks is not None:
+            marks = self.sent_marks
+            self._outlast(lambda: marks.own(item_id, work.claimant), "claim owner")
+        return work
+
+    def _work_of(self, item_id: int, row: Any, via: str, attempt_id: int, route: Processor) -> Work:
+        """The work of a claim just made, under a claimant token of its own."""
+        return Work(
             item_id,
             row.batch_id,
             row.source_uri,
@@ -397,10 +405,6 @@ class Processor:
             route,
             f"{self.worker_id}/{uuid.uuid4().hex[:12]}",
         )
-        if self.sent_marks is not None:
-            marks = self.sent_marks
-            self._outlast(lambda: marks.own(item_id, work.claimant), "claim owner")
-        return work
 
     def _claim_in_transaction(self, item_id: int, claimed: Any = None) -> str | Work:
         """:meth:`_claim` in one transaction; ``claimed``: the row of a claim already made."""
@@ -431,18 +435,7 @@ class Processor:
                     row.batch_id, repo.batch_via(s, row.batch_id)
                 )
                 attempt_id = repo.insert_attempt(s, item_id, 1, route.provider.name)
-                work = Work(
-                    item_id,
-                    row.batch_id,
-                    row.source_uri,
-                    row.sha256,
-                    row.size,
-                    via,
-                    row.pair_key,
-                    attempt_id,
-                    route,
-                    f"{self.worker_id}/{uuid.uuid4().hex[:12]}",
-                )
+                work = self._work_of(item_id, row, via, attempt_id, route)
         if applied is None:
             if self.sent_marks is not None:
                 marks = self.sent_marks

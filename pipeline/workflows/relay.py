@@ -53,7 +53,7 @@ from pipeline.outputs.events import (
     PENDING,
     Outbox,
 )
-from pipeline.outputs.records import records_of_items, utc_iso
+from pipeline.outputs.records import CARD_FIELDS, records_of_items, utc_iso
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import FINAL_STATUSES, Event, Item, ItemStatus, Request, utcnow
 
@@ -69,18 +69,7 @@ UNFINISHED = tuple(sorted(set(ItemStatus) - FINAL_STATUSES))
 KEY_PREFIX = "idocr:"
 RELAY_LOCK = f"{KEY_PREFIX}relay-lock"
 #: the personal and recognised fields of a record (``fields`` in an item.finished event)
-RECORD_FIELDS = (
-    "side",
-    "name",
-    "gender",
-    "ethnicity",
-    "date_of_birth",
-    "domicile",
-    "id_number",
-    "issue_authority",
-    "valid_from",
-    "valid_to",
-)
+RECORD_FIELDS = ("side", *CARD_FIELDS)
 _BATCH_NS = uuid.UUID("6f1c3a52-93f4-4c38-9a0e-2f1b0d7c5e11")
 
 

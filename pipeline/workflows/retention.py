@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.coordination.dedupe import ContentClaims
 from pipeline.coordination.journal import AnswerJournal
+from pipeline.outputs.records import CARD_FIELDS
 from pipeline.storage.db import unit_of_work
 from pipeline.storage.models import FINAL_STATUSES, Item, Request, Result, utcnow
 from pipeline.storage.repo import one_of
@@ -54,18 +55,7 @@ log = logging.getLogger(__name__)
 PURGED_PREFIX = "purged:"
 #: personal columns of ``results``, emptied by a purge (plus the ID number's blind index and
 #: any other ``id_number*`` column the schema has)
-PERSONAL_RESULT_FIELDS = (
-    "name",
-    "gender",
-    "ethnicity",
-    "date_of_birth",
-    "domicile",
-    "id_number",
-    "issue_authority",
-    "valid_from",
-    "valid_to",
-    "checks",
-)
+PERSONAL_RESULT_FIELDS = (*CARD_FIELDS, "checks")
 CHUNK = 1000
 
 
