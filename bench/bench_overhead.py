@@ -236,8 +236,8 @@ def profile_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox, 
             clock.wrap(redis.client.Pipeline, "execute", "Redis (limiter, ledger, marks)")
             clock.wrap(redis.commands.core.Script, "__call__", "Redis (limiter, ledger, marks)")
             t0, c0 = time.perf_counter(), time.thread_time()
-            for i in ids[1:]:
-                proc.process(i)
+            for k in range(1, len(ids), settings.task_items):  # as the queue packs them
+                proc.process_many(ids[k : k + settings.task_items])
             n = len(ids) - 1
             wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
             redis.Redis.from_url(own.url).close()

@@ -270,6 +270,9 @@ class Settings(BaseSettings):
     # -- local workers (idocr run) -------------------------------------------------------------
     #: calls in flight per worker process (threads: the work waits on I/O)
     concurrency: int = 8
+    #: items per queue message: a worker claims them in one statement and works them one
+    #: after the other (1: a message per item)
+    task_items: int = 8
 
     # -- operations --------------------------------------------------------------------------
     #: a worker serves Prometheus metrics on this port (unset: it serves none); with
@@ -391,6 +394,8 @@ class Settings(BaseSettings):
             raise ConfigError("IDOCR_MAX_ATTEMPTS must be at least 1")
         if self.concurrency < 1:
             raise ConfigError("IDOCR_CONCURRENCY must be at least 1 (calls in flight per worker)")
+        if not 1 <= self.task_items <= 1000:
+            raise ConfigError("IDOCR_TASK_ITEMS must be between 1 and 1000 (items per message)")
         if self.claim_lease < 4:
             raise ConfigError(
                 "IDOCR_CLAIM_LEASE must be at least 4 seconds (claims are renewed "

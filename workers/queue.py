@@ -30,7 +30,7 @@ from pipeline.workflows.reconcile import ensure_epoch
 log = logging.getLogger(__name__)
 
 SUBMIT_TASK = "idocr.ocr.submit"
-#: messages per Redis round trip
+#: messages per Redis round trip (each of up to IDOCR_TASK_ITEMS items)
 PUBLISH_BATCH = 1000
 
 _template_lock = threading.Lock()
@@ -55,11 +55,13 @@ class CeleryQueue:
             # by this token being gone
             ensure_epoch(redis_client(self.settings), self.name)
             self._epoch_ensured = True
+        n = self.settings.task_items
+        messages = [ids[i : i + n] for i in range(0, len(ids), n)]
         template = _template(app, self.name)
         if template is not None:
-            _stamp_and_push(redis_url(self.settings), self.name, template, ids)
+            _stamp_and_push(redis_url(self.settings), self.name, template, messages)
         else:
-            _send_each(app, self.name, ids)
+            _send_each(app, self.name, messages)
 
     def set_consuming(self, consuming: bool) -> None:
         from workers.app import app
@@ -73,12 +75,17 @@ class CeleryQueue:
         return int(redis_client(self.settings).llen(self.name))
 
 
-def _send_each(app: Any, queue: str, ids: Sequence[int]) -> None:
+def _argument(ids: Sequence[int]) -> int | list[int]:
+    """The task's argument: an item id, or the ids of several items."""
+    return int(ids[0]) if len(ids) == 1 else [int(i) for i in ids]
+
+
+def _send_each(app: Any, queue: str, messages: Sequence[Sequence[int]]) -> None:
     with app.producer_or_acquire() as producer:
         batch = getattr(producer, "batch", None)  # kombu ≥ 5.7 pipelines Redis publishes
         with batch(max_size=PUBLISH_BATCH) if batch is not None else nullcontext():
-            for item_id in ids:
-                app.send_task(SUBMIT_TASK, args=[int(item_id)], queue=queue, producer=producer)
+            for ids in messages:
+                app.send_task(SUBMIT_TASK, args=[_argument(ids)], queue=queue, producer=producer)
 
 
 def _template(app: Any, queue: str) -> dict[str, Any] | None:
@@ -133,7 +140,9 @@ def _probe_template(app: Any, queue: str) -> dict[str, Any] | None:
 _TID, _TAG, _BODY, _ARGS = "@@idocr-task-id@@", "@@idocr-tag@@", "@@idocr-body@@", "@@idocr-args@@"
 
 
-def _stamp_and_push(url: str, queue: str, template: dict[str, Any], ids: Sequence[int]) -> None:
+def _stamp_and_push(
+    url: str, queue: str, template: dict[str, Any], messages: Sequence[Sequence[int]]
+) -> None:
     # The envelope serialised once, with markers where each message differs.
     msg = {k: v for k, v in template.items() if k != "_body_rest"}
     msg = json.loads(json.dumps(msg))
@@ -147,18 +156,18 @@ def _stamp_and_push(url: str, queue: str, template: dict[str, Any], ids: Sequenc
 
     client = redis.Redis.from_url(url)
     try:
-        for start in range(0, len(ids), PUBLISH_BATCH):
+        for start in range(0, len(messages), PUBLISH_BATCH):
             pipe = client.pipeline(transaction=False)
-            for item_id in ids[start : start + PUBLISH_BATCH]:
-                n = int(item_id)
+            for ids in messages[start : start + PUBLISH_BATCH]:
+                arg = json.dumps(_argument(ids))
                 tid = str(uuid.uuid4())
-                body = base64.b64encode(f"[[{n}], {body_tail}".encode()).decode()
+                body = base64.b64encode(f"[[{arg}], {body_tail}".encode()).decode()
                 pipe.lpush(
                     queue,
                     envelope.replace(_TID, tid)
                     .replace(_TAG, str(uuid.uuid4()))
                     .replace(_BODY, body)
-                    .replace(_ARGS, f"({n},)"),
+                    .replace(_ARGS, f"({arg},)"),
                 )
             pipe.execute()
     finally:

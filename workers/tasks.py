@@ -96,12 +96,15 @@ def reconciler() -> Reconciler:
 
 
 @app.task(name="idocr.ocr.submit", acks_late=True, ignore_result=True)
-def submit(item_id: int) -> str:
+def submit(item_ids: int | list[int]) -> str:
+    """One item id, or the ids of several (IDOCR_TASK_ITEMS): their statuses."""
+    ids = [int(i) for i in item_ids] if isinstance(item_ids, list) else [int(item_ids)]
     try:
-        return processor().process(int(item_id))
+        return " ".join(processor().process_many(ids))
     except OutageTooLong as exc:
-        # Nothing was lost: the message goes back and the item waits for the infrastructure.
-        log.warning("item %s: %s; message handed back", item_id, exc)
+        # Nothing was lost: the message goes back, and the items wait for the infrastructure
+        # (one already claimed is taken over once its lease runs out).
+        log.warning("%d items: %s; message handed back", len(ids), exc)
         raise Reject(str(exc), requeue=True) from None
 
 

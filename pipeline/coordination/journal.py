@@ -196,6 +196,13 @@ class SentMarks:
         """The item's latest claim is ``claimant``'s (called right after the claim commits)."""
         self.redis.set(f"idocr:owner:{item_id}", claimant, ex=SENT_MARK_TTL)
 
+    def own_many(self, claims: dict[int, str]) -> None:
+        """:meth:`own` for several claims, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for item_id, claimant in claims.items():
+            pipe.set(f"idocr:owner:{item_id}", claimant, ex=SENT_MARK_TTL)
+        pipe.execute()
+
     def mark(
         self, attempt_id: int, item_id: int | None = None, claimant: str | None = None
     ) -> bool:

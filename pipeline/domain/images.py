@@ -448,6 +448,10 @@ def _open(data: bytes, fmt: str, limits: ImageLimits) -> tuple[Image.Image, tupl
             # It will be downscaled anyway: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never
             # below the target size (all the entropy data is still read, so truncation shows).
             img.draft(img.mode, _fit_size(*src_size, limits.max_side))
+        elif _fits(data, limits.max_payload_bytes):
+            # It will be sent as it is: its pixels are decoded only to be checked (complete,
+            # in colour), which 1/8 scale does as well, at a fraction of the cost.
+            img.draft(img.mode, _GRAY_THUMB)
         if img.info.get("progressive") or img.info.get("progression"):
             jpeg_full = src_size
     cost = decode_cost(img.mode, img.size, jpeg_full, getattr(img, "layer", None))

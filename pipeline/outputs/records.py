@@ -30,9 +30,10 @@ import json
 import re
 from collections.abc import Generator, Iterable, Iterator
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import IO, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, aliased, defer
 
 from pipeline.storage.models import Batch, Item, ItemStatus, Result
@@ -160,8 +161,14 @@ def records_of_items(session: Session, item_ids: Iterable[int]) -> dict[int, dic
     ids = sorted(set(item_ids))
     if not ids:
         return {}
-    q = _record_query().where(Item.id.in_(ids))
-    return {item.id: _record(item, o, r, p) for item, o, r, p in session.execute(q)}
+    rows = session.execute(_records_of_items_query(), {"item_ids": ids})
+    return {item.id: _record(item, o, r, p) for item, o, r, p in rows}
+
+
+@lru_cache(maxsize=1)
+def _records_of_items_query() -> Any:
+    # built once: the relay asks for a few records many times a second
+    return _record_query().where(Item.id.in_(bindparam("item_ids", expanding=True)))
 
 
 def write_jsonl(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:

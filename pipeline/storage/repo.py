@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
+    BigInteger,
     Text,
     and_,
     any_,
@@ -391,13 +392,18 @@ def claim_row(
     return None if row is None else Claimed(*row)
 
 
-def _claim_with_attempt_statement() -> Any:
+def _claim_with_attempt_statement(many: bool = False) -> Any:
     c = _items.c
     before = _items.alias("before")
+    which = (
+        c.id == any_(bindparam("p_ids", type_=ARRAY(BigInteger)))
+        if many
+        else c.id == bindparam("p_id")
+    )
     claim = (
         update(_items)
         .where(
-            c.id == bindparam("p_id"),
+            which,
             or_(
                 c.status == ItemStatus.QUEUED.value,
                 and_(
@@ -444,6 +450,7 @@ def _claim_with_attempt_statement() -> Any:
         .cte("a")
     )
     return select(
+        *([claim.c.id] if many else []),
         claim.c.batch_id,
         claim.c.source_uri,
         claim.c.sha256,
@@ -455,6 +462,7 @@ def _claim_with_attempt_statement() -> Any:
 
 
 _CLAIM_WITH_ATTEMPT = _claim_with_attempt_statement()
+_CLAIM_MANY_WITH_ATTEMPTS = _claim_with_attempt_statement(many=True)
 
 
 def claim_with_attempt(
@@ -482,6 +490,30 @@ def claim_with_attempt(
         return None
     *claimed, attempt_id = row
     return Claimed(*claimed), attempt_id
+
+
+def claim_many_with_attempts(
+    session: Session,
+    item_ids: Sequence[int],
+    worker: str,
+    *,
+    stale_before: datetime,
+    provider: str,
+) -> dict[int, tuple[Claimed, int | None]]:
+    """:func:`claim_with_attempt` for several items in one statement (PostgreSQL): the claims
+    made, by item id; an item missing was not claimable (another worker has it, or it is
+    final)."""
+    rows = session.connection().execute(
+        _CLAIM_MANY_WITH_ATTEMPTS,
+        {
+            "p_ids": [int(i) for i in item_ids],
+            "p_now": utcnow(),
+            "p_worker": worker[:128],
+            "p_stale_before": stale_before,
+            "p_provider": provider,
+        },
+    )
+    return {item_id: (Claimed(*claimed), attempt_id) for item_id, *claimed, attempt_id in rows}
 
 
 def renew_claims(session: Session, item_ids: Sequence[int], worker: str) -> int:

@@ -33,9 +33,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
@@ -306,6 +307,9 @@ class Processor:
         # (valid until, the pause signal's version then, the open pause or None)
         self._gate: tuple[float, bytes | None, Any] = (0.0, None, None)
         self._via: dict[str, str] = {}  # batch → bytes | url (fixed when the batch is created)
+        #: per thread, (batch, pair key) of the items of the message it works that are still
+        #: to come (:meth:`process_many`), each with its count
+        self._later_pairs = threading.local()
         #: PostgreSQL writes an answer in one statement (data-modifying WITHs)
         self._one_statement = database_url.startswith("postgresql")
         #: the next provider of a failover chain, and the chain's first (pauses park with it)
@@ -325,31 +329,113 @@ class Processor:
             self.heartbeat.hold(item_id)
         try:
             claimed = self._outlast(lambda: self._claim(item_id), f"item {item_id}: claim")
-            if isinstance(claimed, str):
-                return claimed
-            try:
-                return self._work(claimed)
-            except (OutageTooLong, _Paused):
-                raise
-            except Exception as exc:
-                if is_infra_error(exc):
-                    raise
-                # A defect, not the image's fault and not the infrastructure's: the item ends
-                # failed with the class named, instead of coming back with every takeover.
-                log.error("item %s: %s in the worker", item_id, type(exc).__name__)
-                self._outlast(
-                    lambda: self._close_open_attempts(item_id), f"item {item_id}: attempts"
-                )
-                return self._finish(
-                    claimed,
-                    ItemStatus.FAILED,
-                    reason="internal_error",
-                    sent=True,
-                    msg=f"{type(exc).__name__} in the worker; see its log",
-                )
+            return self._go_on(claimed)
         finally:
             if self.heartbeat is not None:
                 self.heartbeat.release(item_id)
+
+    def process_many(self, item_ids: Sequence[int]) -> list[str]:
+        """:meth:`process` for the items of one message, one after the other. On PostgreSQL
+        their claims, with their first attempts, are made together in one statement before the
+        first is worked on: a second delivery of the message finds every one of them taken,
+        and the heartbeat keeps the claims of those still waiting alive."""
+        ids = list(dict.fromkeys(int(i) for i in item_ids))
+        route = self._route() if self._one_statement and len(ids) > 1 else None
+        if route is None:  # one item, SQLite, or paused (each item parks on its own)
+            return [self.process(i) for i in ids]
+        if self.heartbeat is not None:
+            for i in ids:
+                self.heartbeat.hold(i)
+        later = self._later_pairs.pairs = {}
+        try:
+            claims = self._claim_many(ids, route)
+            for c in claims.values():
+                if isinstance(c, Work) and c.pair_key is not None:
+                    key = (c.batch_id, c.pair_key)
+                    later[key] = later.get(key, 0) + 1
+            out = []
+            for i in ids:
+                c = claims.get(i, "skipped")
+                if isinstance(c, Work) and c.pair_key is not None:
+                    key = (c.batch_id, c.pair_key)
+                    later[key] -= 1
+                    if not later[key]:
+                        del later[key]
+                out.append(self._go_on(c))
+            return out
+        finally:
+            self._later_pairs.pairs = {}
+            if self.heartbeat is not None:
+                for i in ids:
+                    self.heartbeat.release(i)
+
+    def _go_on(self, claimed: str | Work) -> str:
+        """The rest of a delivery after its claim: the work, or the status it ended with."""
+        if isinstance(claimed, str):
+            return claimed
+        item_id = claimed.item_id
+        try:
+            return self._work(claimed)
+        except (OutageTooLong, _Paused):
+            raise
+        except Exception as exc:
+            if is_infra_error(exc):
+                raise
+            # A defect, not the image's fault and not the infrastructure's: the item ends
+            # failed with the class named, instead of coming back with every takeover.
+            log.error("item %s: %s in the worker", item_id, type(exc).__name__)
+            self._outlast(lambda: self._close_open_attempts(item_id), f"item {item_id}: attempts")
+            return self._finish(
+                claimed,
+                ItemStatus.FAILED,
+                reason="internal_error",
+                sent=True,
+                msg=f"{type(exc).__name__} in the worker; see its log",
+            )
+
+    def _claim_many(self, ids: list[int], route: Processor) -> dict[int, str | Work]:
+        """The claims of :meth:`process_many`: by item id, the work to go on with or the status
+        the delivery ends with; an id missing was not claimable."""
+
+        def claim() -> dict[int, tuple[repo.Claimed, int | None]]:
+            with unit_of_work(self.db, single=True) as s:
+                return repo.claim_many_with_attempts(
+                    s,
+                    ids,
+                    self.worker_id,
+                    stale_before=utcnow() - self.claim_lease,
+                    provider=route.provider.name,
+                )
+
+        got = self._outlast(claim, f"{len(ids)} items: claim")
+        out: dict[int, str | Work] = {}
+        owners: dict[int, str] = {}
+        for item_id, (row, attempt_id) in got.items():
+            if attempt_id is None:  # a predecessor made calls: settled in a transaction
+                out[item_id] = self._outlast(
+                    partial(self._claim_in_transaction, item_id, claimed=row),
+                    f"item {item_id}: takeover",
+                )
+                continue
+            work = self._work_of(item_id, row, self._batch_via(row.batch_id), attempt_id, route)
+            out[item_id] = work
+            owners[item_id] = work.claimant
+        if owners and self.sent_marks is not None:
+            marks = self.sent_marks
+            self._outlast(lambda: marks.own_many(owners), "claim owners")
+        return out
+
+    def _batch_via(self, batch: str) -> str:
+        """How the batch's images reach the provider (bytes or url), read once per process."""
+        via = self._via.get(batch)
+        if via is None:
+
+            def read() -> str:
+                with unit_of_work(self.db, read_only=True, single=True) as rs:
+                    return repo.batch_via(rs, batch)
+
+            via = self._via.setdefault(batch, self._outlast(read, "batch"))
+        return via
 
     def _claim(self, item_id: int) -> str | Work:
         """The claim, what a lost predecessor left behind, and the first call's attempt row:
@@ -376,16 +462,7 @@ class Processor:
         row, attempt_id = got
         if attempt_id is None:  # a predecessor made calls: settled in a transaction
             return self._claim_in_transaction(item_id, claimed=row)
-        via = self._via.get(row.batch_id)
-        if via is None:
-            batch = row.batch_id
-
-            def read() -> str:
-                with unit_of_work(self.db, read_only=True, single=True) as rs:
-                    return repo.batch_via(rs, batch)
-
-            via = self._via.setdefault(batch, self._outlast(read, "batch"))
-        work = self._work_of(item_id, row, via, attempt_id, route)
+        work = self._work_of(item_id, row, self._batch_via(row.batch_id), attempt_id, route)
         if self.sent_marks is not None:
             marks = self.sent_marks
             self._outlast(lambda: marks.own(item_id, work.claimant), "claim owner")
@@ -875,7 +952,10 @@ class Processor:
             else ("image" if entry.result.outcome is Outcome.IMAGE else "refused"),
         )
         if status == ItemStatus.SUCCEEDED:
-            if entry.result.side and pair is not None:
+            # A partner this thread works later in the same message settles after this commit
+            # and pairs the two then: nothing to look up now.
+            later = getattr(self._later_pairs, "pairs", None)
+            if entry.result.side and pair is not None and not (later and pair in later):
                 self._pair(entry.item_id, pair)
         else:
             log.info("item %s: %s (%s)", entry.item_id, status, entry.result.code)
