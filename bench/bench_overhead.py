@@ -2,6 +2,7 @@
 run: the sandbox in a process of its own, no rate limit, zero (or a fixed) latency.
 
     python bench/bench_overhead.py --images 300 --workers 2 --concurrency 8 [--sqlite] [--latency 0.2]
+    python bench/bench_overhead.py --task-items 1      # a queue message per item
     python bench/bench_overhead.py --profile 200      # CPU per stage, one worker thread in-process
     python bench/bench_overhead.py --pool gevent      # needs `pip install gevent` (not a dependency)
 
@@ -77,7 +78,7 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                 IDOCR_PROVIDER="ihuyi", IDOCR_IHUYI_BASE_URL=sandbox.url, IDOCR_IHUYI_ACCOUNT="sandbox",
                 IDOCR_IHUYI_API_KEY="sandbox-key", IDOCR_DATABASE_URL=db_url, IDOCR_REDIS_URL=own.url,
                 IDOCR_DATA_DIR=str(work / ".idocr"), IDOCR_RATE_LIMIT="100000", IDOCR_RATE_BURST="1000",
-                IDOCR_CONCURRENCY=str(args.concurrency),
+                IDOCR_CONCURRENCY=str(args.concurrency), IDOCR_TASK_ITEMS=str(args.task_items),
                 # personal data is encrypted at rest outside the embedded default: the cost counts
                 IDOCR_DATA_KEYS="bench:" + base64.b64encode(os.urandom(32)).decode(),
             )
@@ -212,7 +213,7 @@ def profile_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox, 
     own = OwnRedis(work / "redis-p")
     try:
         with database(work, sqlite=args.sqlite) as db_url:
-            settings = Settings(provider="ihuyi", ihuyi_base_url=sandbox.url, ihuyi_account="sandbox",
+            settings = Settings(provider="ihuyi", task_items=args.task_items, ihuyi_base_url=sandbox.url, ihuyi_account="sandbox",
                                 ihuyi_api_key="sandbox-key", database_url=db_url, redis_url=own.url,
                                 data_dir=work / ".idocr-p", rate_limit=100000, rate_burst=1000)
             proc = build_processor(settings)
@@ -260,6 +261,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--task-items", type=int, default=8, help="items per queue message")
     p.add_argument("--pool", choices=["threads", "prefork", "gevent"], default=None)
     p.add_argument("--sqlite", action="store_true")
     p.add_argument("--spy", help="py-spy's collapsed stacks of the first worker to this file")
@@ -279,7 +281,8 @@ def main() -> None:
             sandbox.stop()
     db = "SQLite" if args.sqlite else "PostgreSQL"
     print(f"{args.images} images, {args.workers} workers × {args.concurrency} "
-          f"({args.pool or 'threads'}), {db}, provider latency {args.latency * 1000:.0f} ms")
+          f"({args.pool or 'threads'}), {db}, provider latency {args.latency * 1000:.0f} ms, "
+          f"{args.task_items} items a message")
     print(f"  pipeline    {rate:7.1f} images/s   {cpu * 1000:6.1f} ms CPU per image (worker processes)")
     print(f"  bare client {bare_rate:7.1f} images/s   {bare_cpu * 1000:6.1f} ms CPU per image")
     print(f"  ratio pipeline / bare client: {rate / bare_rate:.2f}")

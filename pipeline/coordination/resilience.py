@@ -80,6 +80,19 @@ def outlast(
 ) -> T:
     """``fn()``, tried again while it fails on the infrastructure, for up to ``patience``
     seconds; then :class:`OutageTooLong`. ``fn`` must be safe to repeat (one transaction)."""
+    try:  # the usual case, without building the retry machinery (tens of µs a call)
+        return fn()
+    except BaseException as exc:
+        if not is_infra_error(exc):
+            raise
+        failed = [exc]
+
+    def again() -> T:
+        # the retry machinery's first attempt is the call that just failed
+        if failed:
+            raise failed.pop()
+        return fn()
+
     retrying = Retrying(
         retry=retry_if_exception(is_infra_error),
         wait=wait_exponential_jitter(multiplier=initial, max=max_wait, jitter=initial),
@@ -89,7 +102,7 @@ def outlast(
         reraise=True,
     )
     try:
-        return retrying(fn)
+        return retrying(again)
     except BaseException as exc:
         if is_infra_error(exc):
             raise OutageTooLong(
