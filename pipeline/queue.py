@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 class WorkQueue(Protocol):
     def enqueue(self, ids: Sequence[int]) -> None:
-        """One message per item id; called after the rows they name are committed."""
+        """Send the items for processing (a message carries one or several ids, as the queue
+        packs them); called after the rows they name are committed."""
         ...
 
     def set_consuming(self, consuming: bool) -> None:
