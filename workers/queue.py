@@ -4,11 +4,13 @@ A backfill enqueues millions of messages, and Celery's ``send_task`` costs ~150 
 per message even pipelined (6,600 messages/s measured), more than listing and inserting the
 item together. So on a Redis broker, messages are stamped from a template instead (52,600/s):
 one message is produced by Celery and kombu themselves (to a probe queue of its own, read back
-at once), and each item's message is that envelope with its own task id, argument and delivery
-tag, pushed 1000 at a time through a Redis pipeline into the list the probe showed kombu uses
-for a queue. A message carries up to ``IDOCR_TASK_ITEMS`` ids (a list; one id alone as itself):
-the worker claims them in one statement, and Celery's own cost is paid once for them all. The wire format is therefore whatever the installed Celery/kombu produce. Any other
+at once), and each message is that envelope with its own task id, argument and delivery tag,
+pushed 1000 at a time through a Redis pipeline into the list the probe showed kombu uses for a
+queue. The wire format is therefore whatever the installed Celery/kombu produce. Any other
 broker, or a template that does not look as expected, takes the ordinary path (``send_task``).
+
+A message carries up to ``IDOCR_TASK_ITEMS`` ids (a list; one id alone as itself): the worker
+claims them in one statement, and Celery's own cost is paid once for them all.
 """
 
 from __future__ import annotations
