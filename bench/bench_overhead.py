@@ -101,13 +101,13 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                 cpu0 = sum(cpu_seconds(p.pid) for p in procs)
                 pg0, redis0 = server_cpu("postgres"), server_cpu("redis-server")
                 emu0 = cpu_seconds(sandbox._proc.pid)
-                billed0 = sandbox.stats()["billed"]
+                billed0 = sandbox.billed()
                 t0 = time.perf_counter()
                 assert billed0 == 0, "one pipeline run per sandbox"
                 sc = subprocess.run([*IDOCR, "scan", str(folder)], env=env, check=False, capture_output=True)
                 if sc.returncode:
                     raise SystemExit(f"scan failed: {sc.stderr.decode()[-2000:]}")
-                while sandbox.stats()["billed"] - billed0 < args.images:
+                while sandbox.billed() - billed0 < args.images:
                     time.sleep(0.05)
                     if time.perf_counter() - t0 > 600:
                         raise SystemExit("the pipeline did not finish in 10 minutes")

@@ -72,7 +72,7 @@ def pipeline_run(args: argparse.Namespace, work: Path, folder: Path, truth: Path
                 t0 = time.time()
                 scan(folder, env)
                 deadline = time.time() + args.images / args.rate * 3 + 60
-                while sandbox.stats()["billed"] < args.images and time.time() < deadline:
+                while sandbox.billed() < args.images and time.time() < deadline:
                     time.sleep(0.5)
                 elapsed = time.time() - t0
                 peaks = [peak_rss_mib(w.pid) for w in procs]

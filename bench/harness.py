@@ -50,6 +50,11 @@ class RemoteSandbox:
     def stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/_sandbox/stats", params={"calls": 1}, timeout=30).json()
 
+    def billed(self) -> int:
+        """The billed calls so far: what a loop waiting for a run to end polls (the whole
+        :meth:`stats` grows with every call and would load the sandbox it measures)."""
+        return int(httpx.get(f"{self.url}/_sandbox/billed", timeout=30).json()["billed"])
+
     def add_quota(self, n: int) -> int:
         return httpx.post(f"{self.url}/_sandbox/quota", json={"add": n}, timeout=10).json()["remaining"]
 

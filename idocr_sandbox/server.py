@@ -578,6 +578,8 @@ class SandboxServer(IhuyiProtocol, ShowapiProtocol):
     def _control_inner(self, method: str, name: str, query: str, body: bytes) -> _Reply:
         if name == "health" and method == "GET":
             return _json_reply(200, {"ok": True})
+        if name == "billed" and method == "GET":  # cheap enough to poll while calls run
+            return _json_reply(200, {"billed": self.stats.billed_count()})
         if name == "stats" and method == "GET":
             q = _parse_qs(query)
             snap = self.stats.snapshot(

@@ -173,6 +173,10 @@ class SandboxStats:
         with self._lock:
             return list(self._calls)
 
+    def billed_count(self) -> int:
+        with self._lock:
+            return self._billed
+
     def snapshot(self, include_calls: bool = False) -> dict[str, Any]:
         """JSON-ready; integer keys become strings as JSON requires."""
         with self._lock:
