@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -104,7 +105,11 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                 billed0 = sandbox.billed()
                 t0 = time.perf_counter()
                 assert billed0 == 0, "one pipeline run per sandbox"
+                children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 sc = subprocess.run([*IDOCR, "scan", str(folder)], env=env, check=False, capture_output=True)
+                children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                OTHERS["scan"] = (children1.ru_utime + children1.ru_stime
+                                  - children0.ru_utime - children0.ru_stime)
                 if sc.returncode:
                     raise SystemExit(f"scan failed: {sc.stderr.decode()[-2000:]}")
                 while sandbox.billed() - billed0 < args.images:

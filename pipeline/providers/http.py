@@ -44,9 +44,22 @@ def quote_value(value: str) -> str:
     return quote_plus(value, safe="")
 
 
-def encode_form(pairs: Iterable[tuple[str, str]]) -> bytes:
-    """``application/x-www-form-urlencoded`` (UTF-8), byte for byte what ``urlencode`` makes."""
-    return "&".join(f"{quote_plus(k, safe='')}={quote_value(v)}" for k, v in pairs).encode("ascii")
+def quote_base64(b64: bytes) -> bytes:
+    """:func:`quote_value` of base64 text kept as bytes (an image): only ``+``, ``/`` and ``=``
+    need escaping, and the text is never decoded to ``str`` and encoded back."""
+    return b64.replace(b"+", b"%2B").replace(b"/", b"%2F").replace(b"=", b"%3D")
+
+
+def encode_form(pairs: Iterable[tuple[str, str | bytes]]) -> bytes:
+    """``application/x-www-form-urlencoded`` (UTF-8), byte for byte what ``urlencode`` makes.
+    A ``bytes`` value is base64 text (see :func:`quote_base64`)."""
+    parts: list[bytes] = []
+    for k, v in pairs:
+        if parts:
+            parts.append(b"&")
+        parts.append(quote_plus(k, safe="").encode("ascii") + b"=")
+        parts.append(quote_base64(v) if isinstance(v, bytes) else quote_value(v).encode("ascii"))
+    return b"".join(parts)
 
 
 def post_form(

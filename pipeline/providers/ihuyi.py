@@ -133,9 +133,11 @@ class IhuyiClient:
         """Everything of a submission but its ``time`` and password: the base64 text, its form
         encoding and the digest of the signed parts before ``time``. Done before the rate-limiter
         slot, so that after it :meth:`send` has only constant work left."""
-        img_base64 = base64.b64encode(image.data).decode("ascii") if image.data is not None else ""
+        img_base64 = base64.b64encode(image.data) if image.data is not None else b""
         img_url = image.url or ""
-        image_field = ("img_base64", img_base64) if img_base64 else ("img_url", img_url)
+        image_field: tuple[str, str | bytes] = (
+            ("img_base64", img_base64) if img_base64 else ("img_url", img_url)
+        )
         return PreparedSubmit(
             signer=submit_signer(self.account, self._api_key, img_base64, img_url),
             head=encode_form([("account", self.account)]) + b"&password=",

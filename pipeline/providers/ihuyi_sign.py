@@ -18,12 +18,15 @@ def _md5(*parts: str) -> str:
     return hashlib.md5("".join(parts).encode("utf-8")).hexdigest()
 
 
-def submit_signer(account: str, api_key: str, img_base64: str, img_url: str, app: str = APP) -> Any:
+def submit_signer(
+    account: str, api_key: str, img_base64: str | bytes, img_url: str, app: str = APP
+) -> Any:
     """The Submit digest over everything but ``time``: a request is prepared once and signed at
-    each send by :func:`finish` on a copy (the image is not hashed again)."""
+    each send by :func:`finish` on a copy (the image is not hashed again). ``img_base64`` may
+    be the base64 text's bytes (ASCII), as the request carries it."""
     signer = hashlib.md5()
     for part in (account, api_key, app, img_base64, img_url):
-        signer.update(part.encode("utf-8"))
+        signer.update(part if isinstance(part, bytes) else part.encode("utf-8"))
     return signer
 
 

@@ -261,12 +261,12 @@ class ShowapiClient:
 
     def prepare(self, image: ImagePayload) -> bytes:
         """The form body, encoded before the rate-limiter slot (showapi signs nothing per call)."""
-        form: dict[str, str] = {
+        form: dict[str, str | bytes] = {
             "type": SIDE_PARAM.get(image.side or "", ""),
             "needQuality": "1" if self._need_quality else "0",
         }
         if image.data is not None:
-            form["imgData"] = base64.b64encode(image.data).decode("ascii")
+            form["imgData"] = base64.b64encode(image.data)
         else:
             form["imgUrl"] = image.url or ""
         return encode_form(form.items())

@@ -1018,6 +1018,23 @@ _PAIR_GROUP = (
 )
 
 
+_PAIR_COUNT = (
+    select(func.count())
+    .select_from(_items.join(_results, _results.c.item_id == _items.c.id))
+    .where(_items.c.batch_id == bindparam("p_batch"), _items.c.pair_key == bindparam("p_pair"))
+)
+
+
+def pair_count(session: Session, batch_id: str, pair_key: str) -> int:
+    """How many recognised images of the batch share the name ``pair_key``: the look-up before
+    :func:`pair_group_of`, which reads (and opens) their fields only when there are two."""
+    return int(
+        session.connection()
+        .execute(_PAIR_COUNT, {"p_batch": batch_id, "p_pair": pair_key})
+        .scalar_one()
+    )
+
+
 def pair_group_of(session: Session, batch_id: str, pair_key: str) -> list[SideRecord]:
     """The recognised images of the batch sharing the name ``pair_key`` (one prebuilt query:
     every successful image with a side word in its name asks it)."""

@@ -963,10 +963,13 @@ class Processor:
 
     def _pair(self, item_id: int, pair: tuple[str, str]) -> None:
         """Check the card's two sides together once both are recognised. After the result's own
-        commit: of two sides finishing together, the later commit sees the earlier one. Looked
-        up first without a write lock: most images have no partner yet."""
+        commit: of two sides finishing together, the later commit sees the earlier one. Counted
+        first, without a write lock and without reading any field: most images have no partner
+        yet."""
         try:
             with unit_of_work(self.db, read_only=True, single=True) as s:
+                if repo.pair_count(s, *pair) != 2:
+                    return
                 group = repo.pair_group_of(s, *pair)
             if len(group) == 2:
                 with unit_of_work(self.db) as s:

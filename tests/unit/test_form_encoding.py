@@ -30,6 +30,12 @@ def test_any_form_is_encoded_as_urlencode_encodes_it(pairs: list[tuple[str, str]
     assert encode_form(pairs) == urlencode(pairs).encode("ascii")
 
 
+@given(_text, st.binary(max_size=300))
+def test_a_base64_value_given_as_bytes_is_encoded_as_its_text(key: str, data: bytes) -> None:
+    b64 = base64.b64encode(data)
+    assert encode_form([(key, b64), ("t", "1")]) == urlencode({key: b64.decode(), "t": "1"}).encode()
+
+
 def test_a_near_base64_value_takes_the_generic_path() -> None:
     for v in ("a b", "ab\n", "é+/=", "a-b_c.d~e", "100%", ""):
         assert quote_value(v) == urlencode({"": v})[1:]
