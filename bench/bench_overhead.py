@@ -96,7 +96,7 @@ def pipeline_run(args: argparse.Namespace, folder: Path, sandbox: RemoteSandbox,
                 time.sleep(6)  # connected and warmed up (first balance reading, codecs)
                 spy = None
                 if args.spy:  # py-spy samples the first worker for the whole run (idle included)
-                    spy = subprocess.Popen(["py-spy", "record", "-p", str(procs[0].pid), "-r", "250",
+                    spy = subprocess.Popen(["py-spy", "record", "-p", str(procs[0].pid), "-r", "1000",
                                             "--format", "raw", "-o", args.spy, "--nonblocking", "--gil"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 cpu0 = sum(cpu_seconds(p.pid) for p in procs)

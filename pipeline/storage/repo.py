@@ -625,11 +625,14 @@ _events = cast("Table", Event.__table__)
 _answer_statements: dict[tuple[Any, ...], Any] = {}
 
 
-def _answer_statement(item_keys: tuple[str, ...], result_keys: tuple[str, ...] | None) -> Any:
+def _answer_statement(
+    item_keys: tuple[str, ...], result_keys: tuple[str, ...] | None, pair: bool = False
+) -> Any:
     """PostgreSQL: a paid answer in one statement (data-modifying WITHs). The item's final
     status where a worker's claim (or a lost ``unknown``) still holds it; the attempt closed in
     any case; the result (``result_keys``) and the ``item.finished`` event only where the item
-    was settled. Returns the number of items settled (0 or 1)."""
+    was settled. Returns the number of items settled (0 or 1) and, with ``pair``, how many
+    other items of the batch share the item's pair key (in any status)."""
     c = _items.c
     settled = (
         update(_items)
@@ -687,7 +690,19 @@ def _answer_statement(item_keys: tuple[str, ...], result_keys: tuple[str, ...] |
         .returning(e.id)
         .cte("e")
     )
-    stmt = select(func.count()).select_from(settled).add_cte(closed, event)
+    columns: list[Any] = [func.count()]
+    if pair:
+        other = _items.alias("other")
+        columns.append(
+            select(func.count())
+            .where(
+                other.c.batch_id == bindparam("p_batch"),
+                other.c.pair_key == bindparam("p_pair", type_=other.c.pair_key.type),
+                other.c.id != bindparam("p_id"),
+            )
+            .scalar_subquery()
+        )
+    stmt = select(*columns).select_from(settled).add_cte(closed, event)
     if result_keys is not None:
         r = _results.c
         result = (
@@ -716,9 +731,12 @@ def settle_answer(
     attempt: dict[str, Any],
     event: dict[str, Any],
     result: dict[str, Any] | None = None,
-) -> bool:
-    """A paid answer in one statement (PostgreSQL; see :func:`_answer_statement`): False when
-    the item was no longer ``worker``'s to settle (the attempt is closed all the same).
+    pair: tuple[str, str] | None = None,
+) -> tuple[bool, int | None]:
+    """A paid answer in one statement (PostgreSQL; see :func:`_answer_statement`): whether the
+    item was settled (False: it was no longer ``worker``'s; the attempt is closed all the same)
+    and, given ``pair`` (batch, pair key), how many other items of the batch have that pair
+    key, read in the statement's snapshot (None without ``pair``).
     ``attempt``: the attempt's id and outcome columns; ``event``: the event row's ``event_id``,
     ``kind``, ``data``, ``delivery_state``, ``next_delivery_at``; ``result``: the result's
     columns but ``item_id``."""
@@ -733,10 +751,10 @@ def settle_answer(
         result.pop("item_id", None)
     item_keys = tuple(sorted(values))
     result_keys = None if result is None else tuple(sorted(result))
-    key = (item_keys, result_keys)
+    key = (item_keys, result_keys, pair is not None)
     stmt = _answer_statements.get(key)
     if stmt is None:
-        stmt = _answer_statements[key] = _answer_statement(item_keys, result_keys)
+        stmt = _answer_statements[key] = _answer_statement(item_keys, result_keys, pair is not None)
     params: dict[str, Any] = {
         "p_id": item_id,
         "p_status": str(status),
@@ -753,7 +771,10 @@ def settle_answer(
     params.update({f"a_{k}": v for k, v in attempt.items() if k != "id"})
     if result is not None:
         params.update({f"r_{k}": v for k, v in result.items()})
-    return bool(session.connection().execute(stmt, params).scalar_one())
+    if pair is not None:
+        params["p_batch"], params["p_pair"] = pair
+    row = session.connection().execute(stmt, params).one()
+    return bool(row[0]), (int(row[1]) if pair is not None else None)
 
 
 def open_attempts(session: Session, item_id: int) -> list[int]:

@@ -199,10 +199,17 @@ def apply_answer(
 
 
 def apply_answer_at_once(
-    session: Any, entry: Entry, worker: str, today: datetime, outbox: Outbox | None = None
-) -> str | None:
+    session: Any,
+    entry: Entry,
+    worker: str,
+    today: datetime,
+    outbox: Outbox | None = None,
+    pair: tuple[str, str] | None = None,
+) -> tuple[str | None, bool]:
     """:func:`apply_answer` for the worker holding the claim, in one statement (PostgreSQL):
-    the same rows, one round trip."""
+    the same rows, one round trip. Also returns whether the card may have its other side: with
+    ``pair`` (batch, pair key), False when no other item of the batch had that key as the
+    statement began (none can have finished, so there is nothing to pair yet)."""
     r = entry.result
     out = outbox or NO_WEBHOOK
     values: dict[str, Any] = {"code": r.code, "msg": r.msg, "ocrid": r.ocrid}
@@ -225,7 +232,7 @@ def apply_answer_at_once(
         "ocrid": r.ocrid,
     }
     event = out.item_finished_row(status, reason=values["reason"], code=r.code, ocrid=r.ocrid)
-    settled = repo.settle_answer(
+    settled, others = repo.settle_answer(
         session,
         item_id=entry.item_id,
         worker=worker,
@@ -234,8 +241,9 @@ def apply_answer_at_once(
         attempt=attempt,
         event=event,
         result=result,
+        pair=pair if result is not None else None,
     )
-    return status if settled else None
+    return (status if settled else None), others != 0
 
 
 #: events of a writer that was not told about a webhook
@@ -918,17 +926,20 @@ class Processor:
         """The paid answer into the database; into the journal first if the database fails.
         ``pair``: (batch, pair key) when the item's name has a side word (a partner may exist)."""
         guard = repo.answerable(worker=self.worker_id)
+        ask = pair if entry.result.side else None
 
-        def write() -> str | None:
+        def write() -> tuple[str | None, bool]:
             if self._one_statement:
                 with unit_of_work(self.db, single=True) as s:
-                    return apply_answer_at_once(s, entry, self.worker_id, self.today(), self.outbox)
+                    return apply_answer_at_once(
+                        s, entry, self.worker_id, self.today(), self.outbox, ask
+                    )
             with unit_of_work(self.db) as s:
-                return apply_answer(s, entry, guard, self.today(), self.outbox)
+                return apply_answer(s, entry, guard, self.today(), self.outbox), True
 
         journaled = False
         try:
-            status = write()
+            status, partnered = write()
         except Exception as exc:
             if not is_infra_error(exc):
                 raise
@@ -936,7 +947,7 @@ class Processor:
                 self.journal.put(entry)
                 journaled = True
             # OutageTooLong here leaves the answer in the journal: the reconciler writes it
-            status = self._outlast(write, f"item {entry.item_id}: answer")
+            status, partnered = self._outlast(write, f"item {entry.item_id}: answer")
         if journaled and self.journal is not None:
             self.journal.drop(entry.item_id)
         if status is None:
@@ -952,11 +963,12 @@ class Processor:
             else ("image" if entry.result.outcome is Outcome.IMAGE else "refused"),
         )
         if status == ItemStatus.SUCCEEDED:
-            # A partner this thread works later in the same message settles after this commit
-            # and pairs the two then: nothing to look up now.
+            # Nothing to look up when the card had no other side as the answer was written (a
+            # side scanned later settles after this commit and pairs the two), nor when that
+            # side is worked later in this thread's message (it pairs them after its commit).
             later = getattr(self._later_pairs, "pairs", None)
-            if entry.result.side and pair is not None and not (later and pair in later):
-                self._pair(entry.item_id, pair)
+            if ask is not None and partnered and not (later and pair in later):
+                self._pair(entry.item_id, ask)
         else:
             log.info("item %s: %s (%s)", entry.item_id, status, entry.result.code)
         return status

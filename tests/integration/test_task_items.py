@@ -144,3 +144,41 @@ def test_the_queue_packs_ids_into_messages_of_task_items(
 def test_task_items_is_bounded(bad: int) -> None:
     with pytest.raises(ValueError, match="IDOCR_TASK_ITEMS"):
         Settings(task_items=bad)
+
+
+def test_a_side_whose_card_has_no_other_side_is_not_looked_up_for_pairing(
+    db_url: str, tmp_path: Path, sandbox_factory, redis_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    sandbox = sandbox_factory()
+    scan_into(db_url, copy_examples(tmp_path / "in"))
+    rows = items(db_url)
+    front, back = rows["高娟 正面.jpg"].id, rows["高娟 背面.jpg"].id
+    lone = [rows[k].id for k in ("front side 01.png", "back side 02.png", "scan 03 人像面.bmp")]
+    proc = make_processor(db_url, sandbox, redis_url)
+    lookups: list[str] = []
+
+    def note(conn, cursor, statement, *_: object) -> None:  # type: ignore[no-untyped-def]
+        sql = " ".join(statement.upper().split())
+        if sql.startswith("SELECT") and "JOIN RESULTS" in sql and "PAIR_KEY" in sql:
+            lookups.append(sql)
+
+    event.listen(engine_for(db_url), "before_cursor_execute", note)
+    try:
+        for item_id in lone:
+            assert proc.process(item_id) == "succeeded"
+        if db_url.startswith("postgresql"):
+            # the answer's statement saw no other item with the card's name: nothing to pair
+            assert lookups == []
+        lookups.clear()
+        # one side while the other waits in the queue, then the other, each a message alone
+        assert proc.process(front) == "succeeded"
+        assert len(lookups) == 1  # counted: the other side has no result yet
+        assert proc.process(back) == "succeeded"
+        assert len(lookups) == 3  # counted, then read and checked
+    finally:
+        event.remove(engine_for(db_url), "before_cursor_execute", note)
+    with unit_of_work(db_url, read_only=True) as s:
+        checks = {r.item_id: r.checks for r in s.scalars(select(Result))}
+    assert checks[front]["valid_period_matches_age"]["with"] == "高娟 背面.jpg"
+    assert checks[back]["valid_period_matches_age"]["ok"] is True
+    assert all("valid_period_matches_age" not in checks[i] for i in lone)
