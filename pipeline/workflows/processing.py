@@ -686,30 +686,45 @@ class Processor:
         clock_resigned = False
         call = self.provider.prepare(payload)  # encoded once; every send signs it anew
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.retry.max_attempts),
-            wait=wait_exponential_jitter(
-                multiplier=self.retry.initial, max=self.retry.max_wait, jitter=self.retry.initial
-            ),
-            retry=retry_if_exception_type(_Again),
-            before_sleep=self._count_retry,
-            sleep=self.sleep,
-            reraise=True,
-        )
+        def one_call() -> tuple[ProviderResult, int, int]:
+            nonlocal calls, clock_resigned
+            calls += 1
+            # the first call's attempt row was written with the claim
+            pre = w.attempt_id if calls == 1 else None
+            got = self._call_once(item_id, calls, call, pre, claimant=w.claimant)
+            outcome = got[0].outcome
+            if outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN):
+                raise _Again(got[0])
+            if outcome is Outcome.CLOCK and not clock_resigned:
+                clock_resigned = True  # a fresh `time` is signed on the next call
+                raise _Again(got[0])
+            return got
+
         try:
-            for attempt in retrying:
-                with attempt:
-                    calls += 1
-                    # the first call's attempt row was written with the claim
-                    pre = w.attempt_id if calls == 1 else None
-                    result, attempt_id, elapsed = self._call_once(
-                        item_id, calls, call, pre, claimant=w.claimant
-                    )
-                    if result.outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN):
-                        raise _Again(result)
-                    if result.outcome is Outcome.CLOCK and not clock_resigned:
-                        clock_resigned = True  # a fresh `time` is signed on the next call
-                        raise _Again(result)
+            try:  # the usual case, without building the retry machinery
+                result, attempt_id, elapsed = one_call()
+            except _Again as first:
+                failed = [first]
+
+                def again() -> tuple[ProviderResult, int, int]:
+                    # the retry machinery's first attempt is the call that just failed
+                    if failed:
+                        raise failed.pop()
+                    return one_call()
+
+                retrying = Retrying(
+                    stop=stop_after_attempt(self.retry.max_attempts),
+                    wait=wait_exponential_jitter(
+                        multiplier=self.retry.initial,
+                        max=self.retry.max_wait,
+                        jitter=self.retry.initial,
+                    ),
+                    retry=retry_if_exception_type(_Again),
+                    before_sleep=self._count_retry,
+                    sleep=self.sleep,
+                    reraise=True,
+                )
+                result, attempt_id, elapsed = retrying(again)
         except _Again as exc:
             r = exc.result
             if r.outcome is Outcome.CLOCK:
