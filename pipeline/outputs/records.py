@@ -31,10 +31,12 @@ import re
 from collections.abc import Generator, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import IO, Any
 
-from sqlalchemy import bindparam, func, select
-from sqlalchemy.orm import Session, aliased, defer
+from sqlalchemy import BigInteger, any_, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
 
 from pipeline.storage.models import Batch, Item, ItemStatus, Result
 
@@ -94,17 +96,61 @@ def utc_iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="microseconds")
 
 
+#: the item columns a record is made of (its own, or its original's for a duplicate)
+_ITEM_COLUMNS = (
+    "source_uri",
+    "source_key",
+    "sha256",
+    "batch_id",
+    "status",
+    "reason",
+    "code",
+    "msg",
+    "ocrid",
+    "attempts",
+    "updated_at",
+    "purged_at",
+)
+
+
 def _record_query() -> Any:
-    orig = aliased(Item)
+    """Plain columns, not ORM entities (a record is read and dropped: no identity map, no
+    instance state); the sealed ones are opened by their column types all the same. The
+    provider's raw answer is not part of the record: never read (nor opened)."""
+    items, batches, results = Item.__table__, Batch.__table__, Result.__table__
+    orig = items.alias("orig")
     return (
-        select(Item, orig, Result, Batch.provider)
-        .join(Batch, Batch.id == Item.batch_id)
-        .outerjoin(orig, orig.id == Item.duplicate_of)
+        select(
+            *(items.c[k].label(f"i_{k}") for k in _ITEM_COLUMNS),
+            orig.c.id.label("o_id"),
+            *(orig.c[k].label(f"o_{k}") for k in _ITEM_COLUMNS),
+            results.c.item_id.label("r_item_id"),
+            results.c.provider.label("r_provider"),
+            *(results.c[k].label(f"r_{k}") for k in _RESULT_FIELDS),
+            batches.c.provider.label("b_provider"),
+        )
+        .select_from(items)
+        .join(batches, batches.c.id == items.c.batch_id)
+        .outerjoin(orig, orig.c.id == items.c.duplicate_of)
         # the result is the item's own, or its original's for a duplicate
-        .outerjoin(Result, Result.item_id == func.coalesce(Item.duplicate_of, Item.id))
-        # the provider's raw answer is not part of the record: never read (nor decrypted)
-        .options(defer(Result.raw))
+        .outerjoin(results, results.c.item_id == func.coalesce(items.c.duplicate_of, items.c.id))
     )
+
+
+def _record_of_row(row: Any) -> dict[str, Any]:
+    m = row._mapping
+    item = SimpleNamespace(**{k: m[f"i_{k}"] for k in _ITEM_COLUMNS})
+    original = (
+        SimpleNamespace(**{k: m[f"o_{k}"] for k in _ITEM_COLUMNS})
+        if m["o_id"] is not None
+        else None
+    )
+    result = (
+        SimpleNamespace(provider=m["r_provider"], **{k: m[f"r_{k}"] for k in _RESULT_FIELDS})
+        if m["r_item_id"] is not None
+        else None
+    )
+    return _record(item, original, result, m["b_provider"])  # type: ignore[arg-type]
 
 
 def _record(
@@ -145,14 +191,15 @@ def _record(
 def records(
     session: Session, batch_id: str, chunk: int = 1000
 ) -> Generator[dict[str, Any], None, None]:
+    items = Item.__table__
     q = (
         _record_query()
-        .where(Item.batch_id == batch_id)
-        .order_by(Item.id)
+        .where(items.c.batch_id == batch_id)
+        .order_by(items.c.id)
         .execution_options(yield_per=chunk)
     )
-    for item, original, result, provider in session.execute(q):
-        yield _record(item, original, result, provider)
+    for row in session.execute(q):
+        yield _record_of_row(row)
 
 
 def records_of_items(session: Session, item_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
@@ -161,14 +208,22 @@ def records_of_items(session: Session, item_ids: Iterable[int]) -> dict[int, dic
     ids = sorted(set(item_ids))
     if not ids:
         return {}
-    rows = session.execute(_records_of_items_query(), {"item_ids": ids})
-    return {item.id: _record(item, o, r, p) for item, o, r, p in rows}
+    query = _records_of_items_query(session.get_bind().dialect.name == "postgresql")
+    rows = session.execute(query, {"item_ids": ids})
+    return {row.i_id: _record_of_row(row) for row in rows}
 
 
-@lru_cache(maxsize=1)
-def _records_of_items_query() -> Any:
-    # built once: the relay asks for a few records many times a second
-    return _record_query().where(Item.id.in_(bindparam("item_ids", expanding=True)))
+@lru_cache(maxsize=2)
+def _records_of_items_query(array: bool) -> Any:
+    # built once: the relay asks for a few records many times a second. On PostgreSQL the ids
+    # are one array parameter, not a list rendered into the statement at every call.
+    items = Item.__table__
+    which = (
+        items.c.id == any_(bindparam("item_ids", type_=ARRAY(BigInteger)))
+        if array
+        else items.c.id.in_(bindparam("item_ids", expanding=True))
+    )
+    return _record_query().add_columns(items.c.id.label("i_id")).where(which)
 
 
 def write_jsonl(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
