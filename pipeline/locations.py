@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -73,6 +74,9 @@ def scheme_of(location: str) -> Scheme:
     return scheme
 
 
+@lru_cache(maxsize=64)
 def load(ref: str) -> Any:
+    """The object a ``module:attribute`` reference names (looked up once: every read of an
+    image goes through its scheme's reader)."""
     module, _, attribute = ref.partition(":")
     return getattr(importlib.import_module(module), attribute)

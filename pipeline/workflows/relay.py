@@ -38,10 +38,22 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from sqlalchemy import exists, func, literal_column, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Table,
+    any_,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -209,15 +221,8 @@ class Relay:
         if self._nothing(Event.published_at.is_(None)):
             return 0, 0
         with unit_of_work(self.db) as s:
-            events = list(
-                s.scalars(
-                    select(Event)
-                    .where(Event.published_at.is_(None))
-                    .order_by(Event.id)
-                    .limit(self.batch)
-                    .with_for_update(skip_locked=True)
-                )
-            )
+            # plain rows (read-only here), by statements built once
+            events: list[Any] = list(s.execute(_UNPUBLISHED, {"n": self.batch}))
             if not events:
                 return 0, 0
             bodies = self._bodies(s, events)
@@ -234,12 +239,9 @@ class Relay:
                 for key, per_request in requests:
                     pipe.set(result_key(key), _dumps(per_request), ex=self.result_ttl)
             pipe.execute()
-            now = utcnow()
             s.execute(
-                update(Event)
-                .where(Event.id.in_([e.id for e in events]))
-                .values(published_at=now)
-                .execution_options(synchronize_session=False)
+                _PUBLISHED_POSTGRES if self._postgres else _PUBLISHED,
+                {"ids": [e.id for e in events], "now": utcnow()},
             )
             batches = {e.batch_id for e in events if e.kind == ITEM_FINISHED and e.batch_id}
             finished = sum(finish_batch_if_done(s, b, self.outbox) for b in sorted(batches))
@@ -501,6 +503,28 @@ def finish_batch_if_done(
         return 0
     log.info("batch %s finished (%d items)", batch_id, total)
     return 1
+
+
+_events = cast("Table", Event.__table__)
+#: the relay's next chunk of events not on the stream yet (rows other relays hold are skipped)
+_UNPUBLISHED = (
+    select(_events)
+    .where(_events.c.published_at.is_(None))
+    .order_by(_events.c.id)
+    .limit(bindparam("n"))
+    .with_for_update(skip_locked=True)
+)
+_PUBLISHED = (
+    update(_events)
+    .where(_events.c.id.in_(bindparam("ids", expanding=True)))
+    .values(published_at=bindparam("now"))
+)
+#: PostgreSQL: the ids as one array parameter
+_PUBLISHED_POSTGRES = (
+    update(_events)
+    .where(_events.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+    .values(published_at=bindparam("now"))
+)
 
 
 def event_body(ev: Event, record: dict[str, Any] | None) -> dict[str, Any]:
