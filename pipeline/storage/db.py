@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
@@ -130,6 +130,20 @@ def unit_of_work(url: str, read_only: bool = False, single: bool = False) -> Ite
         except BaseException:
             session.rollback()
             raise
+
+
+@lru_cache(maxsize=8)
+def _autocommit_engine(url: str) -> Engine:
+    return engine_for(url).execution_options(isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
+def one_statement(url: str) -> Iterator[Connection]:
+    """PostgreSQL: a pooled connection for one statement that runs on its own, outside a
+    transaction, with no ORM session around it (the worker's claims and answers: the Core
+    statements of :mod:`pipeline.storage.repo` take it where they take a session)."""
+    with _autocommit_engine(url).connect() as conn:
+        yield conn
 
 
 def alembic_config(url: str):

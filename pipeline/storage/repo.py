@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
     Text,
     and_,
     any_,
@@ -94,6 +95,12 @@ class NewItem:
     status: str = ItemStatus.QUEUED
     reason: str | None = None
     msg: str | None = None
+
+
+def _conn(s: Session | Connection) -> Connection:
+    """The connection a Core statement runs on: a session's, or one of
+    :func:`pipeline.storage.db.one_statement`."""
+    return s if isinstance(s, Connection) else s.connection()
 
 
 def one_of(session: Session, column: Any, values: Iterable[Any]) -> Any:
@@ -466,14 +473,19 @@ _CLAIM_MANY_WITH_ATTEMPTS = _claim_with_attempt_statement(many=True)
 
 
 def claim_with_attempt(
-    session: Session, item_id: int, worker: str, *, stale_before: datetime, provider: str
+    session: Session | Connection,
+    item_id: int,
+    worker: str,
+    *,
+    stale_before: datetime,
+    provider: str,
 ) -> tuple[Claimed, int | None] | None:
     """PostgreSQL: :func:`claim_row` and, where no predecessor made calls, the first call's
     attempt row (:func:`insert_attempt`) in one statement. None: not claimable; an attempt id
     of None: a predecessor made calls (``Claimed.attempts``), whose leftovers the caller
     settles before any attempt of its own."""
     row = (
-        session.connection()
+        _conn(session)
         .execute(
             _CLAIM_WITH_ATTEMPT,
             {
@@ -493,7 +505,7 @@ def claim_with_attempt(
 
 
 def claim_many_with_attempts(
-    session: Session,
+    session: Session | Connection,
     item_ids: Sequence[int],
     worker: str,
     *,
@@ -503,7 +515,7 @@ def claim_many_with_attempts(
     """:func:`claim_with_attempt` for several items in one statement (PostgreSQL): the claims
     made, by item id; an item missing was not claimable (another worker has it, or it is
     final)."""
-    rows = session.connection().execute(
+    rows = _conn(session).execute(
         _CLAIM_MANY_WITH_ATTEMPTS,
         {
             "p_ids": [int(i) for i in item_ids],
@@ -722,7 +734,7 @@ def _answer_statement(
 
 
 def settle_answer(
-    session: Session,
+    session: Session | Connection,
     *,
     item_id: int,
     worker: str,
@@ -773,7 +785,7 @@ def settle_answer(
         params.update({f"r_{k}": v for k, v in result.items()})
     if pair is not None:
         params["p_batch"], params["p_pair"] = pair
-    row = session.connection().execute(stmt, params).one()
+    row = _conn(session).execute(stmt, params).one()
     return bool(row[0]), (int(row[1]) if pair is not None else None)
 
 

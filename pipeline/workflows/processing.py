@@ -53,7 +53,7 @@ from pipeline.providers.base import ImagePayload, Outcome, Provider, ProviderRes
 from pipeline.sources import read_uri
 from pipeline.sources.base import SourceError
 from pipeline.storage import repo
-from pipeline.storage.db import unit_of_work
+from pipeline.storage.db import one_statement, unit_of_work
 from pipeline.storage.models import ItemStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ class Processor:
         the delivery ends with; an id missing was not claimable."""
 
         def claim() -> dict[int, tuple[repo.Claimed, int | None]]:
-            with unit_of_work(self.db, single=True) as s:
+            with one_statement(self.db) as s:
                 return repo.claim_many_with_attempts(
                     s,
                     ids,
@@ -456,7 +456,7 @@ class Processor:
         return self._claim_in_transaction(item_id)
 
     def _claim_at_once(self, item_id: int, route: Processor) -> str | Work:
-        with unit_of_work(self.db, single=True) as s:
+        with one_statement(self.db) as s:
             got = repo.claim_with_attempt(
                 s,
                 item_id,
@@ -945,7 +945,7 @@ class Processor:
 
         def write() -> tuple[str | None, bool]:
             if self._one_statement:
-                with unit_of_work(self.db, single=True) as s:
+                with one_statement(self.db) as s:
                     return apply_answer_at_once(
                         s, entry, self.worker_id, self.today(), self.outbox, ask
                     )
