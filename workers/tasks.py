@@ -69,6 +69,7 @@ def _warm_up(**_: object) -> None:
 
         with unit_of_work(p.db) as s:
             repo.open_pause(s, p.provider.name, p.provider.account)
+        p.warm_up(connections=settings.concurrency)
         # A balance reading (free: GetNum bills nothing) primes the quota ledger before the
         # first submission and opens the connection to the provider.
         if p.quota is not None and p.quota.snapshot().remaining is None:

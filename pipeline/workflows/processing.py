@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -53,7 +54,7 @@ from pipeline.providers.base import ImagePayload, Outcome, Provider, ProviderRes
 from pipeline.sources import read_uri
 from pipeline.sources.base import SourceError
 from pipeline.storage import repo
-from pipeline.storage.db import one_statement, unit_of_work
+from pipeline.storage.db import engine_for, one_statement, unit_of_work
 from pipeline.storage.models import ItemStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,28 @@ class Processor:
         #: the next provider of a failover chain, and the chain's first (pauses park with it)
         self.fallback: Processor | None = None
         self.primary: Processor = self
+
+    def warm_up(self, connections: int) -> None:
+        """Before the first message: open up to ``connections`` database connections, and on
+        PostgreSQL run the claim and answer statements once on no item at all (an empty id
+        list; item -1, which no row has), so that building and caching them, and the first
+        connections, are not paid inside the first tasks, all threads at once."""
+        size = getattr(engine_for(self.db).pool, "size", lambda: 1)()
+        with ExitStack() as opened:  # never beyond the pool's steady size: no overflow, no wait
+            for _ in range(max(1, min(connections, size))):
+                opened.enter_context(one_statement(self.db))
+        if not self._one_statement:
+            return
+        with one_statement(self.db) as conn:
+            repo.claim_many_with_attempts(
+                conn, [], self.worker_id, stale_before=utcnow(), provider=self.provider.name
+            )
+            for outcome, side in ((Outcome.OK, "front"), (Outcome.IMAGE, None)):
+                result = ProviderResult(outcome, "0", "", ocrid="0", side=side, raw={})
+                entry = Entry(-1, -1, self.provider.name, "0" * 64, result, self.worker_id, 0)
+                apply_answer_at_once(
+                    conn, entry, self.worker_id, self.today(), self.outbox, ("", "")
+                )
 
     def _outlast(self, fn: Callable[[], Any], what: str) -> Any:
         return outlast(fn, what, patience=self.infra_patience, sleep=self.sleep)

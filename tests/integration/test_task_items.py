@@ -182,3 +182,40 @@ def test_a_side_whose_card_has_no_other_side_is_not_looked_up_for_pairing(
     assert checks[front]["valid_period_matches_age"]["with"] == "高娟 背面.jpg"
     assert checks[back]["valid_period_matches_age"]["ok"] is True
     assert all("valid_period_matches_age" not in checks[i] for i in lone)
+
+
+def test_the_warm_up_writes_nothing_and_the_work_goes_on(
+    db_url: str, tmp_path: Path, sandbox_factory, redis_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import func
+
+    from pipeline.storage.models import Event
+
+    sandbox = sandbox_factory()
+    sent, _ = scan_into(db_url, copy_examples(tmp_path / "in"))
+    proc = make_processor(db_url, sandbox, redis_url)
+
+    def counts() -> tuple[object, ...]:
+        with unit_of_work(db_url, read_only=True) as s:
+            rows = tuple(s.scalar(select(func.count()).select_from(m)) for m in (Attempt, Result, Event))
+            return rows + tuple(sorted((i.id, i.status, i.attempts) for i in s.scalars(select(Item))))
+
+    before = counts()
+    ran: list[str] = []
+
+    def note(conn, cursor, statement, *_: object) -> None:  # type: ignore[no-untyped-def]
+        ran.append(" ".join(statement.upper().split()))
+
+    event.listen(engine_for(db_url), "before_cursor_execute", note)
+    try:
+        proc.warm_up(connections=4)
+    finally:
+        event.remove(engine_for(db_url), "before_cursor_execute", note)
+    assert counts() == before  # nothing claimed, closed, inserted or emitted
+    if db_url.startswith("postgresql"):
+        # the claim and the answer statements (a success, and a refusal) were run once
+        assert any("UPDATE ITEMS SET STATUS" in q and "ANY" in q for q in ran)
+        assert sum("INSERT INTO EVENTS" in q for q in ran) == 2
+        assert sum("INSERT INTO RESULTS" in q for q in ran) == 1
+    statuses = proc.process_many(sent)
+    assert statuses.count("succeeded") == 8 and sandbox.stats.billed == 8
