@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery import signals
 from celery.exceptions import Reject
@@ -20,6 +21,30 @@ QUEUE = CeleryQueue(settings)
 _processor: Processor | None = None
 _reconciler: Reconciler | None = None
 _lock = threading.Lock()
+#: OCR tasks running in this process, since when fewer than its threads (None: all busy),
+#: and whether they run in a pool of threads
+_running = 0
+_short_since: float | None = None
+_running_lock = threading.Lock()
+_in_threads: bool | None = None
+#: how long a thread must have been without a task before the queue counts as dry: between
+#: two messages of a busy queue a thread waits milliseconds, not this
+_IDLE_FOR = 0.1
+
+
+def _spare() -> bool:
+    since = _short_since
+    return since is not None and time.monotonic() - since >= _IDLE_FOR
+
+
+def _count_running(step: int) -> None:
+    global _running, _short_since
+    with _running_lock:
+        _running += step
+        if _running >= settings.concurrency:
+            _short_since = None
+        elif _short_since is None:
+            _short_since = time.monotonic()
 
 
 def reset() -> None:
@@ -99,14 +124,24 @@ def reconciler() -> Reconciler:
 @app.task(name="idocr.ocr.submit", acks_late=True, ignore_result=True)
 def submit(item_ids: int | list[int]) -> str:
     """One item id, or the ids of several (IDOCR_TASK_ITEMS): their statuses."""
+    global _in_threads
     ids = [int(i) for i in item_ids] if isinstance(item_ids, list) else [int(item_ids)]
+    p = processor()
+    if _in_threads is None:
+        # threads pool: the idle threads of this process are seen, and a slow message gives
+        # them its items; a prefork child or gevent runs one task per thread and cannot tell
+        _in_threads = threading.current_thread() is not threading.main_thread()
+    p.spare = _spare if _in_threads else None
+    _count_running(1)
     try:
-        return " ".join(processor().process_many(ids))
+        return " ".join(p.process_many(ids))
     except OutageTooLong as exc:
         # Nothing was lost: the message goes back, and the items wait for the infrastructure
         # (one already claimed is taken over once its lease runs out).
         log.warning("%d items: %s; message handed back", len(ids), exc)
         raise Reject(str(exc), requeue=True) from None
+    finally:
+        _count_running(-1)
 
 
 @app.task(name="idocr.reconcile", ignore_result=True)

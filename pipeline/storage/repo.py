@@ -528,6 +528,45 @@ def claim_many_with_attempts(
     return {item_id: (Claimed(*claimed), attempt_id) for item_id, *claimed, attempt_id in rows}
 
 
+def unclaim(session: Session, claims: Sequence[tuple[int, int]], worker: str) -> list[int]:
+    """Give back claims ``worker`` made and never sent anything for: ``claims`` are (item id,
+    the attempt row recorded with the claim). Each item ``worker`` still holds goes back to
+    ``queued`` with no attempt counted, as before its claim, and its attempt row is dropped;
+    returns those items' ids. The caller makes sure no call was made (no sent mark)."""
+    attempt_of = dict(claims)
+    if not attempt_of:
+        return []
+    back = list(
+        session.scalars(
+            update(Item)
+            .where(
+                one_of(session, Item.id, attempt_of),
+                Item.status == ItemStatus.SUBMITTING,
+                Item.claimed_by == worker[:128],
+            )
+            .values(
+                status=ItemStatus.QUEUED,
+                attempts=0,
+                claimed_by=None,
+                claimed_at=None,
+                updated_at=utcnow(),
+            )
+            .returning(Item.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if back:
+        session.execute(
+            delete(Attempt)
+            .where(
+                one_of(session, Attempt.id, [attempt_of[i] for i in back]),
+                Attempt.outcome.is_(None),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return sorted(back)
+
+
 def renew_claims(session: Session, item_ids: Sequence[int], worker: str) -> int:
     """The heartbeat: ``claimed_at`` = now for the claims ``worker`` still holds."""
     res = session.execute(

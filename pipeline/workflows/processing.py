@@ -324,6 +324,11 @@ class Processor:
         #: the next provider of a failover chain, and the chain's first (pauses park with it)
         self.fallback: Processor | None = None
         self.primary: Processor = self
+        #: whether threads of this process wait for work (the queue ran dry): the items of a
+        #: message that has run ``hand_back_after`` seconds are then given back, one message
+        #: each, rather than worked one after the other while those threads idle
+        self.spare: Callable[[], bool] | None = None
+        self.hand_back_after = 0.25
 
     def warm_up(self, connections: int) -> None:
         """Before the first message: open up to ``connections`` database connections, and on
@@ -371,27 +376,43 @@ class Processor:
         first is worked on: a second delivery of the message finds every one of them taken,
         and the heartbeat keeps the claims of those still waiting alive."""
         ids = list(dict.fromkeys(int(i) for i in item_ids))
+        started = time.monotonic()
         route = self._route() if self._one_statement and len(ids) > 1 else None
         if route is None:  # one item, SQLite, or paused (each item parks on its own)
-            return [self.process(i) for i in ids]
+            done: list[str] = []
+            for n, i in enumerate(ids):
+                if n and self._hand_back_now(started):  # not claimed yet: new messages only
+                    self._requeue(ids[n:])
+                    return done + [ItemStatus.QUEUED] * (len(ids) - n)
+                done.append(self.process(i))
+            return done
         if self.heartbeat is not None:
             for i in ids:
                 self.heartbeat.hold(i)
         later = self._later_pairs.pairs = {}
         try:
-            claims = self._claim_many(ids, route)
+            claims, fresh = self._claim_many(ids, route)
             for c in claims.values():
                 if isinstance(c, Work) and c.pair_key is not None:
                     key = (c.batch_id, c.pair_key)
                     later[key] = later.get(key, 0) + 1
-            out = []
-            for i in ids:
+            out: list[str] = []
+            handed: set[int] | None = None
+            for n, i in enumerate(ids):
+                if handed is None and n and self._hand_back_now(started):
+                    rest = [(j, fresh[j]) for j in ids[n:] if j in fresh]
+                    if rest:
+                        handed = self._hand_back(rest)
                 c = claims.get(i, "skipped")
                 if isinstance(c, Work) and c.pair_key is not None:
                     key = (c.batch_id, c.pair_key)
                     later[key] -= 1
                     if not later[key]:
                         del later[key]
+                if handed is not None and i in fresh:
+                    # given back (queued, in a message of its own), or taken over meanwhile
+                    out.append(ItemStatus.QUEUED if i in handed else "taken_over")
+                    continue
                 out.append(self._go_on(c))
             return out
         finally:
@@ -399,6 +420,35 @@ class Processor:
             if self.heartbeat is not None:
                 for i in ids:
                     self.heartbeat.release(i)
+
+    def _hand_back_now(self, started: float) -> bool:
+        return (
+            self.spare is not None
+            and self.enqueue is not None
+            and time.monotonic() - started >= self.hand_back_after
+            and self.spare()
+        )
+
+    def _requeue(self, item_ids: Sequence[int]) -> None:
+        """Each item in a message of its own (the reconciler sends again one that is lost)."""
+        enqueue = self.enqueue
+        assert enqueue is not None
+        for i in item_ids:
+            self._outlast(partial(enqueue, [i]), f"item {i}: enqueue")
+
+    def _hand_back(self, claims: list[tuple[int, int]]) -> set[int]:
+        """Give back claims of this message never sent (item, attempt row recorded with the
+        claim): queued again, each in a message of its own, for the threads waiting for work.
+        Returns the items given back (one missing was taken over meanwhile)."""
+
+        def write() -> list[int]:
+            with unit_of_work(self.db) as s:
+                return repo.unclaim(s, claims, self.worker_id)
+
+        back = self._outlast(write, f"{len(claims)} items: hand back")
+        self._requeue(back)
+        log.debug("%d items of a slow message handed back to idle threads", len(back))
+        return set(back)
 
     def _go_on(self, claimed: str | Work) -> str:
         """The rest of a delivery after its claim: the work, or the status it ended with."""
@@ -424,9 +474,12 @@ class Processor:
                 msg=f"{type(exc).__name__} in the worker; see its log",
             )
 
-    def _claim_many(self, ids: list[int], route: Processor) -> dict[int, str | Work]:
+    def _claim_many(
+        self, ids: list[int], route: Processor
+    ) -> tuple[dict[int, str | Work], dict[int, int]]:
         """The claims of :meth:`process_many`: by item id, the work to go on with or the status
-        the delivery ends with; an id missing was not claimable."""
+        the delivery ends with (an id missing was not claimable); and the claims made fresh,
+        with no predecessor's calls, by item id: their attempt rows."""
 
         def claim() -> dict[int, tuple[repo.Claimed, int | None]]:
             with one_statement(self.db) as s:
@@ -440,6 +493,7 @@ class Processor:
 
         got = self._outlast(claim, f"{len(ids)} items: claim")
         out: dict[int, str | Work] = {}
+        fresh: dict[int, int] = {}
         owners: dict[int, str] = {}
         for item_id, (row, attempt_id) in got.items():
             if attempt_id is None:  # a predecessor made calls: settled in a transaction
@@ -450,11 +504,12 @@ class Processor:
                 continue
             work = self._work_of(item_id, row, self._batch_via(row.batch_id), attempt_id, route)
             out[item_id] = work
+            fresh[item_id] = attempt_id
             owners[item_id] = work.claimant
         if owners and self.sent_marks is not None:
             marks = self.sent_marks
             self._outlast(lambda: marks.own_many(owners), "claim owners")
-        return out
+        return out, fresh
 
     def _batch_via(self, batch: str) -> str:
         """How the batch's images reach the provider (bytes or url), read once per process."""

@@ -35,14 +35,20 @@ def claim_statements(db_url: str) -> list[str]:
     return seen
 
 
-def test_a_message_of_several_items_bills_each_once_and_a_second_delivery_nothing(
-    db_url: str, tmp_path: Path, sandbox_factory, redis_url: str
-) -> None:  # type: ignore[no-untyped-def]
-    sandbox = sandbox_factory()
+def examples_and_worker(db_url: str, tmp_path: Path, sandbox, redis_url: str):  # type: ignore[no-untyped-def]
+    """The examples scanned (their ids), and a worker with sent marks and a heartbeat."""
     sent, _ = scan_into(db_url, copy_examples(tmp_path / "in"))
     proc = make_processor(db_url, sandbox, redis_url)
     proc.sent_marks = SentMarks(redis.Redis.from_url(redis_url))
     proc.heartbeat = Heartbeat(db_url, "test", interval=60)
+    return sent, proc
+
+
+def test_a_message_of_several_items_bills_each_once_and_a_second_delivery_nothing(
+    db_url: str, tmp_path: Path, sandbox_factory, redis_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    sandbox = sandbox_factory()
+    sent, proc = examples_and_worker(db_url, tmp_path, sandbox, redis_url)
     claims = claim_statements(db_url)
     statuses = proc.process_many(sent)
     assert statuses.count("succeeded") == 8 and len(statuses) == len(sent) == 11
@@ -219,3 +225,31 @@ def test_the_warm_up_writes_nothing_and_the_work_goes_on(
         assert sum("INSERT INTO RESULTS" in q for q in ran) == 1
     statuses = proc.process_many(sent)
     assert statuses.count("succeeded") == 8 and sandbox.stats.billed == 8
+
+
+def test_a_slow_message_gives_its_unsent_items_to_idle_threads(
+    db_url: str, tmp_path: Path, sandbox_factory, redis_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    sandbox = sandbox_factory()
+    sent, proc = examples_and_worker(db_url, tmp_path, sandbox, redis_url)
+    queued: list[list[int]] = []
+    proc.enqueue = queued.append
+    proc.spare, proc.hand_back_after = (lambda: True), 0.0  # threads idle, the message slow
+    statuses = proc.process_many(sent)
+    first, rest = sent[0], sent[1:]
+    assert statuses[1:] == ["queued"] * len(rest)
+    assert queued == [[i] for i in rest]  # a message each
+    assert not proc.heartbeat.held()
+    rows = {r.id: r for r in items(db_url).values()}
+    assert rows[first].status != "queued" and sandbox.stats.billed <= 1
+    with unit_of_work(db_url, read_only=True) as s:
+        assert {a.item_id for a in s.scalars(select(Attempt))} <= {first}  # no attempt left
+    for i in rest:  # as it was before its claim
+        assert (rows[i].status, rows[i].attempts, rows[i].claimed_by) == ("queued", 0, None)
+    # the idle threads work them: every good image billed once, none lost
+    proc.spare = None
+    for (i,) in queued:
+        proc.process_many([i])
+    final = items(db_url)
+    assert {r.status for r in final.values()} == {"succeeded", "rejected"}
+    assert sandbox.stats.billed == 8 and set(sandbox.stats.billed_by_sha.values()) == {1}
