@@ -1077,6 +1077,9 @@ def _store_pair_checks(session: Session, groups: Iterable[list[SideRecord]]) -> 
     return pairs
 
 
+#: the recognised images of a batch sharing a pair key: what pairing counts, then reads
+_RECOGNISED_SIDES = _items.join(_results, _results.c.item_id == _items.c.id)
+_SAME_PAIR = (_items.c.batch_id == bindparam("p_batch"), _items.c.pair_key == bindparam("p_pair"))
 _PAIR_GROUP = (
     select(
         _items.c.pair_key,
@@ -1085,16 +1088,10 @@ _PAIR_GROUP = (
         _results.c.side,
         *(_results.c[c.key] for c in _PAIR_FIELDS),
     )
-    .join(_results, _results.c.item_id == _items.c.id)
-    .where(_items.c.batch_id == bindparam("p_batch"), _items.c.pair_key == bindparam("p_pair"))
+    .select_from(_RECOGNISED_SIDES)
+    .where(*_SAME_PAIR)
 )
-
-
-_PAIR_COUNT = (
-    select(func.count())
-    .select_from(_items.join(_results, _results.c.item_id == _items.c.id))
-    .where(_items.c.batch_id == bindparam("p_batch"), _items.c.pair_key == bindparam("p_pair"))
-)
+_PAIR_COUNT = select(func.count()).select_from(_RECOGNISED_SIDES).where(*_SAME_PAIR)
 
 
 def pair_count(session: Session, batch_id: str, pair_key: str) -> int:

@@ -1137,8 +1137,7 @@ class Processor:
         if self._outlast(write, f"item {item_id}: park"):
             return ItemStatus.PAUSED
         if self.enqueue is not None:
-            # the reconciler sends it again should this message be lost
-            self._outlast(lambda: self.enqueue([item_id]), f"item {item_id}: enqueue")  # type: ignore[misc]
+            self._requeue([item_id])
         return ItemStatus.QUEUED
 
     def _pause(self, kind: str, reason: str) -> None:
