@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 
+from pipeline.coordination.redisconn import LuaScript
 from pipeline.coordination.resilience import is_infra_error
 from pipeline.providers.base import Outcome, ProviderResult
 from pipeline.storage.crypto import CryptoError, active_ring
@@ -190,7 +191,7 @@ class SentMarks:
     def __init__(self, client: redis.Redis, *, prefix: str = "idocr:sent") -> None:
         self.redis = client
         self.prefix = prefix
-        self._mark_if_owner = client.register_script(_MARK_IF_OWNER)
+        self._mark_if_owner = LuaScript(client, _MARK_IF_OWNER)
 
     def own(self, item_id: int, claimant: str) -> None:
         """The item's latest claim is ``claimant``'s (called right after the claim commits)."""

@@ -36,6 +36,8 @@ from typing import Self
 
 import redis
 
+from pipeline.coordination.redisconn import LuaScript
+
 __all__ = [
     "DEFAULT_RESERVATION_TTL",
     "QuotaExhausted",
@@ -232,10 +234,10 @@ class QuotaLedger:
         self._keys = [self.key, f"{self.key}:reservations"]
         self._ttl_us = round(ttl * 1_000_000)
         self._redis = redis_client
-        self._reserve = redis_client.register_script(_RESERVE_LUA)
-        self._commit_script = redis_client.register_script(_COMMIT_LUA)
-        self._record = redis_client.register_script(_RECORD_LUA)
-        self._snapshot = redis_client.register_script(_SNAPSHOT_LUA)
+        self._reserve = LuaScript(redis_client, _RESERVE_LUA)
+        self._commit_script = LuaScript(redis_client, _COMMIT_LUA)
+        self._record = LuaScript(redis_client, _RECORD_LUA)
+        self._snapshot = LuaScript(redis_client, _SNAPSHOT_LUA)
 
     def __repr__(self) -> str:
         return (

@@ -74,7 +74,7 @@ from typing import Protocol
 import redis
 
 from pipeline.config import Settings
-from pipeline.coordination.redisconn import redis_client
+from pipeline.coordination.redisconn import LuaScript, redis_client
 
 
 class ProviderLike(Protocol):
@@ -187,7 +187,7 @@ class RateLimiter:
         # up: rounding may only slow us down
         self._interval_us = math.ceil(1_000_000 * (1 + margin) / rate)
         self._start_interval_us = math.ceil(1_000_000 * (1 + max(margin, start_margin)) / rate)
-        self._script = redis_client.register_script(_GCRA_LUA)
+        self._script = LuaScript(redis_client, _GCRA_LUA)
 
     def __repr__(self) -> str:
         return (

@@ -19,18 +19,51 @@ import httpx
 
 from pipeline.providers.base import Outcome, ProviderResult
 
-
-def make_client(timeout: float, transport: httpx.BaseTransport | None = None) -> httpx.Client:
-    """The HTTP client of a provider: one pool shared by a worker's threads; connecting may
-    take at most 10 s even when answers may take longer."""
-    return httpx.Client(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-        transport=transport,
-        headers={"User-Agent": "idocr"},
-    )
-
-
 FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+class ProviderHTTP(httpx.Client):
+    """The HTTP client of a provider: one pool shared by a worker's threads; connecting may take
+    at most 10 s even when answers may take longer.
+
+    :meth:`post_body` hands its request to the transport the client mounted for the URL (so
+    proxies from the environment still apply), past httpx's client layer: a provider call needs
+    no cookie jar, redirect, auth or event hook, and that layer cost about as much CPU as the
+    transport itself (the cookie jar alone ~0.1 ms a call)."""
+
+    def __init__(self, timeout: float, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+            headers={"User-Agent": "idocr"},
+        )
+        self._form_headers = httpx.Headers({**self.headers, **FORM_HEADERS})
+        self._timeouts = self.timeout.as_dict()
+
+    def post_body(
+        self, url: str, body: bytes, params: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """POST ``body`` as a form; the answer read whole, its connection back in the pool."""
+        request = httpx.Request(
+            "POST",
+            url,
+            params=params,
+            content=body,
+            headers=self._form_headers,
+            extensions={"timeout": self._timeouts},
+        )
+        response = self._transport_for_url(request.url).handle_request(request)
+        try:
+            response.read()
+        finally:
+            response.close()
+        return response
+
+
+def make_client(timeout: float, transport: httpx.BaseTransport | None = None) -> ProviderHTTP:
+    """The HTTP client of a provider (:class:`ProviderHTTP`)."""
+    return ProviderHTTP(timeout, transport)
+
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]*")
 
@@ -63,7 +96,7 @@ def encode_form(pairs: Iterable[tuple[str, str | bytes]]) -> bytes:
 
 
 def post_form(
-    client: httpx.Client,
+    client: ProviderHTTP,
     url: str,
     form: dict[str, str] | bytes,
     params: dict[str, str] | None = None,
@@ -76,7 +109,7 @@ def post_form(
     """
     body = form if isinstance(form, bytes) else encode_form(form.items())
     try:
-        resp = client.post(url, content=body, params=params, headers=FORM_HEADERS)
+        resp = client.post_body(url, body, params)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         return (
             None,
