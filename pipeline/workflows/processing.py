@@ -1063,7 +1063,9 @@ class Processor:
             if ask is not None and partnered and not (later and pair in later):
                 self._pair(entry.item_id, ask)
         else:
-            log.info("item %s: %s (%s)", entry.item_id, status, entry.result.code)
+            # DEBUG: a line per item is the log's cost at millions of images; the status, reason
+            # and code are on the item and in the idocr_items_final_total counter
+            log.debug("item %s: %s (%s)", entry.item_id, status, entry.result.code)
         return status
 
     def _pair(self, item_id: int, pair: tuple[str, str]) -> None:
@@ -1113,7 +1115,7 @@ class Processor:
             return "taken_over"
         metrics.record_item_final(status, values.get("reason"))
         if status != ItemStatus.SUCCEEDED:
-            log.info(
+            log.debug(
                 "item %s: %s (%s)", item_id, status, values.get("reason") or values.get("code")
             )
         return status
