@@ -18,6 +18,7 @@ from pipeline.config import (
     Settings,
     provider_identity,
 )
+from pipeline.coordination.admission import Admission
 from pipeline.coordination.dedupe import ContentClaims
 from pipeline.coordination.gate import PauseSignal
 from pipeline.coordination.heartbeat import Heartbeat
@@ -141,6 +142,15 @@ def build_processor(
         provider = build_provider(settings, name)
         # The local engine has no rate limit to keep and no paid quota to count.
         local = name == "local"
+        limiter = None if local else provider_limiter(settings, provider)
+        ledger = (
+            None
+            if local
+            else QuotaLedger(
+                r, provider.name, provider.account, low_watermark=settings.quota_low_watermark
+            )
+        )
+        marks = SentMarks(r)
         processors.append(
             Processor(
                 database_url=settings.resolved_database_url,
@@ -150,12 +160,8 @@ def build_processor(
                     settings.max_attempts, settings.retry_initial, settings.retry_max
                 ),
                 worker_id=wid,
-                limiter=None if local else provider_limiter(settings, provider),
-                quota=None
-                if local
-                else QuotaLedger(
-                    r, provider.name, provider.account, low_watermark=settings.quota_low_watermark
-                ),
+                limiter=limiter,
+                quota=ledger,
                 quota_exhausted=QuotaExhausted,
                 on_pause=on_pause if position == len(chain) - 1 else None,
                 reader=functools.partial(read_uri, endpoint_url=settings.s3_endpoint_url),
@@ -169,7 +175,10 @@ def build_processor(
                 claim_lease=timedelta(seconds=settings.claim_lease),
                 enqueue=queue.enqueue if queue is not None else None,
                 journal=journal,
-                sent_marks=SentMarks(r),
+                sent_marks=marks,
+                admission=None
+                if limiter is None or ledger is None
+                else Admission(ledger, limiter, marks),
                 heartbeat=heartbeat,
                 infra_patience=settings.infra_retry_for,
                 resend_unknown=settings.resend_unknown,

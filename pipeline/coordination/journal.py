@@ -173,16 +173,33 @@ class AnswerJournal:
         return moved
 
 
+def owner_check_lua(owner_key: str, claimant: str) -> str:
+    """Lua: ``owned`` is whether ``claimant`` still owns the item (``owner``: its owner key's
+    value; none means Redis lost it, and the claimant takes it). The arguments are Lua
+    expressions: the sent mark's script and :mod:`pipeline.coordination.admission` share it."""
+    return f"""
+local owner = redis.call('GET', {owner_key})
+local owned = not owner or owner == {claimant}
+"""
+
+
+def mark_lua(owner_key: str, sent_key: str, claimant: str, ttl: str) -> str:
+    """Lua, after :func:`owner_check_lua` found the item owned: the sent mark."""
+    return f"""
+if not owner then redis.call('SET', {owner_key}, {claimant}, 'EX', {ttl}) end
+redis.call('SET', {sent_key}, 1, 'EX', {ttl})
+"""
+
+
 #: KEYS: the item's owner key, the attempt's sent mark; ARGV: claimant, mark TTL.
 #: The mark is set only while the claimant still owns the item: a worker that was cut off long
 #: enough for its claim to be taken over must not send the same image a second time.
-_MARK_IF_OWNER = """
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return 0 end
-if not owner then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
-redis.call('SET', KEYS[2], 1, 'EX', ARGV[2])
-return 1
-"""
+_MARK_IF_OWNER = (
+    owner_check_lua("KEYS[1]", "ARGV[1]")
+    + "if not owned then return 0 end"
+    + mark_lua("KEYS[1]", "KEYS[2]", "ARGV[1]", "ARGV[2]")
+    + "return 1\n"
+)
 
 
 class SentMarks:
@@ -193,15 +210,22 @@ class SentMarks:
         self.prefix = prefix
         self._mark_if_owner = LuaScript(client, _MARK_IF_OWNER)
 
+    @staticmethod
+    def owner_key(item_id: int) -> str:
+        return f"idocr:owner:{item_id}"
+
+    def sent_key(self, attempt_id: int) -> str:
+        return f"{self.prefix}:{attempt_id}"
+
     def own(self, item_id: int, claimant: str) -> None:
         """The item's latest claim is ``claimant``'s (called right after the claim commits)."""
-        self.redis.set(f"idocr:owner:{item_id}", claimant, ex=SENT_MARK_TTL)
+        self.redis.set(self.owner_key(item_id), claimant, ex=SENT_MARK_TTL)
 
     def own_many(self, claims: dict[int, str]) -> None:
         """:meth:`own` for several claims, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for item_id, claimant in claims.items():
-            pipe.set(f"idocr:owner:{item_id}", claimant, ex=SENT_MARK_TTL)
+            pipe.set(self.owner_key(item_id), claimant, ex=SENT_MARK_TTL)
         pipe.execute()
 
     def mark(
@@ -211,11 +235,11 @@ class SentMarks:
         when another claim took it over. Without an owner key (Redis lost it) the claimant
         takes it."""
         if item_id is None or claimant is None:
-            self.redis.set(f"{self.prefix}:{attempt_id}", 1, ex=SENT_MARK_TTL)
+            self.redis.set(self.sent_key(attempt_id), 1, ex=SENT_MARK_TTL)
             return True
         return bool(
             self._mark_if_owner(
-                keys=[f"idocr:owner:{item_id}", f"{self.prefix}:{attempt_id}"],
+                keys=[self.owner_key(item_id), self.sent_key(attempt_id)],
                 args=[claimant, SENT_MARK_TTL],
             )
         )
@@ -223,5 +247,5 @@ class SentMarks:
     def sent(self, attempt_ids: list[int]) -> set[int]:
         if not attempt_ids:
             return set()
-        found = self.redis.mget([f"{self.prefix}:{a}" for a in attempt_ids])
+        found = self.redis.mget([self.sent_key(a) for a in attempt_ids])
         return {a for a, v in zip(attempt_ids, found, strict=True) if v is not None}

@@ -32,11 +32,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import redis
 
-from pipeline.coordination.redisconn import LuaScript
+from pipeline.coordination.redisconn import NOW_LUA, LuaScript
 
 __all__ = [
     "DEFAULT_RESERVATION_TTL",
@@ -51,29 +51,34 @@ __all__ = [
 # short enough that a crashed worker's reservation is back within minutes.
 DEFAULT_RESERVATION_TTL = 300.0
 
-# Lua: every number that becomes a Redis argument or a string is formatted with %.0f, because
-# Lua's own number-to-string keeps 14 digits and would cut server microseconds (16 digits).
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+def reserve_lua(ledger: str, reservations: str, token: str, ttl_us: str, low_watermark: str) -> str:
+    """Lua, after ``now`` (:data:`NOW_LUA`): reserve ``token`` unless the remaining quota less
+    the calls reserved is at the low watermark. Leaves ``granted``, ``remaining`` (false =
+    unknown) and ``reserved`` (after the call). The arguments are Lua expressions (``KEYS[1]``):
+    the ledger's own script and :mod:`pipeline.coordination.admission` share this text."""
+    return f"""
+redis.call('ZREMRANGEBYSCORE', {reservations}, '-inf', string.format('%.0f', now))
+local reserved = redis.call('ZCARD', {reservations})
+local remaining = redis.call('HGET', {ledger}, 'remaining')
+local granted = not (remaining and tonumber(remaining) - reserved <= tonumber({low_watermark}))
+if granted then
+  local ttl = tonumber({ttl_us})
+  redis.call('ZADD', {reservations}, string.format('%.0f', now + ttl), {token})
+  -- every token expires within ttl of its creation, so the whole set may go a second after that
+  redis.call('PEXPIRE', {reservations}, string.format('%.0f', math.ceil(ttl / 1000) + 1000))
+  reserved = reserved + 1
+end
 """
+
 
 # KEYS: ledger hash, reservations set. ARGV: token, ttl_us, low_watermark.
 # Returns {granted (1|0), remaining (nil = unknown), reserved (after the call)}.
 _RESERVE_LUA = (
-    _NOW
+    NOW_LUA
+    + reserve_lua("KEYS[1]", "KEYS[2]", "ARGV[1]", "ARGV[2]", "ARGV[3]")
     + """
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now))
-local reserved = redis.call('ZCARD', KEYS[2])
-local remaining = redis.call('HGET', KEYS[1], 'remaining')
-if remaining and tonumber(remaining) - reserved <= tonumber(ARGV[3]) then
-  return {0, remaining, reserved}
-end
-local ttl = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[2], string.format('%.0f', now + ttl), ARGV[1])
--- every token expires within ttl of its creation, so the whole set may go a second after that
-redis.call('PEXPIRE', KEYS[2], string.format('%.0f', math.ceil(ttl / 1000) + 1000))
-return {1, remaining, reserved + 1}
+return {granted and 1 or 0, remaining, reserved}
 """
 )
 
@@ -117,7 +122,7 @@ return 1
 
 # KEYS: ledger hash, reservations set. Returns {remaining, reading_at, reserved}; read-only.
 _SNAPSHOT_LUA = (
-    _NOW
+    NOW_LUA
     + """
 local v = redis.call('HMGET', KEYS[1], 'remaining', 'reading_at')
 local reserved = redis.call('ZCOUNT', KEYS[2], string.format('(%.0f', now), '+inf')
@@ -271,14 +276,25 @@ class QuotaLedger:
     def reserve(self) -> Reservation:
         """Grant one call, or raise :class:`QuotaExhausted`."""
         token = uuid.uuid4().hex
-        granted, remaining, reserved = self._reserve(
-            keys=self._keys, args=[token, self._ttl_us, self.low_watermark]
-        )
+        granted, remaining, reserved = self._reserve(keys=self.keys, args=self.reserve_args(token))
         if not granted:
-            raise QuotaExhausted(
-                f"{self.provider}:{self.account}", int(remaining), int(reserved), self.low_watermark
-            )
+            raise self.exhausted(remaining, reserved)
         return Reservation(self, token)
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys of :func:`reserve_lua`: the ledger hash, the reservations set."""
+        return self._keys
+
+    def reserve_args(self, token: str) -> list[object]:
+        """The arguments of :func:`reserve_lua` for a reservation under ``token``."""
+        return [token, self._ttl_us, self.low_watermark]
+
+    def exhausted(self, remaining: Any, reserved: Any) -> QuotaExhausted:
+        """The refusal of a reservation the script did not grant."""
+        return QuotaExhausted(
+            f"{self.provider}:{self.account}", int(remaining), int(reserved), self.low_watermark
+        )
 
     def _commit(self, token: str, billed: bool) -> None:
         self._commit_script(keys=self._keys, args=[token, 1 if billed else 0])

@@ -74,7 +74,7 @@ from typing import Protocol
 import redis
 
 from pipeline.config import Settings
-from pipeline.coordination.redisconn import LuaScript, redis_client
+from pipeline.coordination.redisconn import NOW_LUA, LuaScript, redis_client
 
 
 class ProviderLike(Protocol):
@@ -91,19 +91,19 @@ DEFAULT_MAX_WAIT = 30.0
 # De-synchronises workers that come back after an over-long queue; small against any rate we run.
 _JITTER = 0.005
 
-# KEYS[1] = TAT key, its value "tat:since" (since: when the current busy period began).
-# ARGV = interval_us, burst, max_wait_us, start_interval_us (all integers).
-# Returns {booked (1|0), delay_us}. Every number that reaches Redis or a string is formatted with
-# %.0f: Lua's own number-to-string keeps 14 digits, which would cut server microseconds (16).
-_GCRA_LUA = """
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local max_wait = tonumber(ARGV[3])
-local start_interval = tonumber(ARGV[4])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+def gcra_lua(key: str, interval: str, burst: str, max_wait: str, start_interval: str) -> str:
+    """Lua, after ``now`` (server microseconds): book the next slot of the limiter at ``key``
+    if it starts within ``max_wait``. Leaves ``booked`` and ``delay`` (µs until the slot). The
+    arguments are Lua expressions (``ARGV[1]``): the limiter's own script and
+    :mod:`pipeline.coordination.admission` share this text."""
+    return f"""
+local interval = tonumber({interval})
+local burst = tonumber({burst})
+local max_wait = tonumber({max_wait})
+local start_interval = tonumber({start_interval})
 local tat, since = now, now
-local v = redis.call('GET', KEYS[1])
+local v = redis.call('GET', {key})
 if v then
   local a, b = string.match(v, '^(%d+):(%d+)$')
   if a then
@@ -123,15 +123,27 @@ end
 local new_tat = tat + step
 local delay = tat - (burst - 1) * step - now
 if delay < 0 then delay = 0 end
-if delay > max_wait then
-  return {0, delay}
+local booked = delay <= max_wait
+if booked then
+  -- the key is useless once now >= new_tat; keep it a second longer, then let it go
+  local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
+  redis.call('SET', {key}, string.format('%.0f:%.0f', new_tat, since),
+             'PX', string.format('%.0f', ttl_ms))
 end
--- the key is useless once now >= new_tat; keep it a second longer, then let it go
-local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%.0f:%.0f', new_tat, since),
-           'PX', string.format('%.0f', ttl_ms))
-return {1, delay}
 """
+
+
+# KEYS[1] = TAT key, its value "tat:since" (since: when the current busy period began).
+# ARGV = interval_us, burst, max_wait_us, start_interval_us (all integers).
+# Returns {booked (1|0), delay_us}. Every number that reaches Redis or a string is formatted with
+# %.0f: Lua's own number-to-string keeps 14 digits, which would cut server microseconds (16).
+_GCRA_LUA = (
+    NOW_LUA
+    + gcra_lua("KEYS[1]", "ARGV[1]", "ARGV[2]", "ARGV[3]", "ARGV[4]")
+    + """
+return {booked and 1 or 0, delay}
+"""
+)
 
 
 class RateLimitTimeout(TimeoutError):
@@ -194,13 +206,18 @@ class RateLimiter:
             f"RateLimiter({self.key!r}, rate={self.rate}, burst={self.burst}, margin={self.margin})"
         )
 
-    def _book(self, max_wait: float) -> tuple[bool, float]:
+    def book_args(self, max_wait: float) -> list[int]:
+        """The arguments of :func:`gcra_lua` for this limiter (the key is :attr:`key`)."""
         # floor: a slot exactly at the cap counts as within it, never a microsecond beyond
-        max_wait_us = math.floor(max_wait * 1_000_000)
-        booked, delay_us = self._script(
-            keys=[self.key],
-            args=[self._interval_us, self.burst, max_wait_us, self._start_interval_us],
-        )
+        return [
+            self._interval_us,
+            self.burst,
+            math.floor(max_wait * 1_000_000),
+            self._start_interval_us,
+        ]
+
+    def _book(self, max_wait: float) -> tuple[bool, float]:
+        booked, delay_us = self._script(keys=[self.key], args=self.book_args(max_wait))
         return bool(booked), int(delay_us) / 1_000_000
 
     def reserve(self, max_wait: float | None = None) -> float:

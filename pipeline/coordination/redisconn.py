@@ -103,6 +103,15 @@ def reset_clients() -> None:
         _clients.pop(url).close()
 
 
+# Lua: server time in microseconds as ``now``. Every number that becomes a Redis argument or a
+# string is formatted with %.0f, because Lua's own number-to-string keeps 14 digits and would
+# cut server microseconds (16 digits).
+NOW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+
+
 class LuaScript:
     """A Lua script run by EVALSHA, loaded again if the server lost it (a restart, a SCRIPT
     FLUSH). What redis-py's ``Script`` does, without its per-call type check against

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from pipeline import metrics
+from pipeline.coordination.admission import Admission
 from pipeline.coordination.gate import PauseSignal
 from pipeline.coordination.heartbeat import Heartbeat
 from pipeline.coordination.journal import AnswerJournal, Entry, SentMarks
@@ -277,6 +278,7 @@ class Processor:
         enqueue: Callable[[list[int]], None] | None = None,
         journal: AnswerJournal | None = None,
         sent_marks: SentMarks | None = None,
+        admission: Admission | None = None,
         heartbeat: Heartbeat | None = None,
         infra_patience: float = 3600.0,
         resend_unknown: bool = False,
@@ -305,6 +307,9 @@ class Processor:
         self.enqueue = enqueue
         self.journal = journal
         self.sent_marks = sent_marks
+        #: the first call's reservation, slot and sent mark in one Redis round trip (the quota,
+        #: limiter and marks above, on one Redis); without it, one each
+        self.admission = admission
         self.heartbeat = heartbeat
         self.infra_patience = infra_patience
         self.resend_unknown = resend_unknown
@@ -860,11 +865,23 @@ class Processor:
         (with the claim) for this call, dropped if no call is made. An answer that settles the
         item leaves its attempt open: it is closed in the transaction of the final status."""
         reservation = None
+        marked = False  # the slot booked and the attempt marked sent, by the admission
+        admission = self.admission if attempt_id is not None and claimant is not None else None
         try:
             self._check_gate(unsent_attempt=attempt_id)
             if self.quota is not None:
                 try:
-                    reservation = self._outlast(self.quota.reserve, "quota reservation")
+                    if admission is not None:
+                        first, owner = attempt_id, claimant
+                        assert first is not None and owner is not None
+                        admitted = self._outlast(
+                            lambda: admission.admit(item_id, first, owner), "admission"
+                        )
+                        if admitted is None:
+                            raise _TakenOver()
+                        reservation, marked = admitted
+                    else:
+                        reservation = self._outlast(self.quota.reserve, "quota reservation")
                 except self.quota_exhausted as exc:
                     if attempt_id is not None:
                         self._drop_attempt(attempt_id)
@@ -883,7 +900,9 @@ class Processor:
             # The slot is taken last, right before the send: work between the two would shift
             # calls in time and let more than the rate arrive within some second. A pause that
             # came while we waited is seen just before the slot.
-            if self.limiter is not None:
+            if marked:
+                metrics.record_limiter_wait(0.0, self.provider.name)
+            elif self.limiter is not None:
                 limiter = self.limiter
                 waited = self._outlast(
                     lambda: limiter.acquire(
@@ -894,7 +913,7 @@ class Processor:
                     "rate limiter",
                 )
                 metrics.record_limiter_wait(waited, self.provider.name)
-            if self.sent_marks is not None:
+            if self.sent_marks is not None and not marked:
                 marks = self.sent_marks
                 if not self._outlast(lambda: marks.mark(recorded, item_id, claimant), "sent mark"):
                     raise _TakenOver()
