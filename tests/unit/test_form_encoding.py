@@ -75,3 +75,30 @@ def test_showapi_body_is_the_urlencoded_form() -> None:
         urlencode({"type": "2", "needQuality": "1", "imgData": base64.b64encode(data).decode()}).encode(),
         urlencode({"type": "", "needQuality": "1", "imgUrl": "https://b.test/a b.png?X=1&Y=2"}).encode(),
     ]
+
+
+def test_a_form_goes_to_the_transport_with_the_clients_headers_and_timeouts() -> None:
+    """The provider's form skips httpx's client layer (cookies, redirects, hooks), never what
+    the request needs: the client's headers, the form's content type, the query, and the
+    timeouts (without them a provider that never answers would hold a thread for ever)."""
+    from pipeline.providers.http import make_client, post_form
+
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"code": 2}, headers={"Set-Cookie": "s=1"})
+
+    client = make_client(7.0, httpx.MockTransport(answer))
+    body, failure, status = post_form(client, "https://p.example/ocr", b"a=1&b=%2B", {"k": "v"})
+    assert (body, failure, status) == ({"code": 2}, None, 200)
+    (req,) = seen
+    assert req.method == "POST" and str(req.url) == "https://p.example/ocr?k=v"
+    assert req.content == b"a=1&b=%2B"
+    assert req.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert req.headers["User-Agent"] == "idocr"
+    assert req.headers["Content-Length"] == "9"
+    assert req.extensions["timeout"] == {"connect": 7.0, "read": 7.0, "write": 7.0, "pool": 7.0}
+    post_form(client, "https://p.example/ocr", b"c=3")
+    assert "cookie" not in seen[1].headers  # no cookie jar on this path
+    client.close()
