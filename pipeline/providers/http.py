@@ -21,6 +21,9 @@ from pipeline.providers.base import Outcome, ProviderResult
 
 FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 
+#: httpx's own (private) choice of transport for a URL, the one ``Client.send`` uses
+_TRANSPORT_LOOKUP = "_transport_for_url"
+
 
 class ProviderHTTP(httpx.Client):
     """The HTTP client of a provider: one pool shared by a worker's threads; connecting may take
@@ -52,7 +55,10 @@ class ProviderHTTP(httpx.Client):
             headers=self._form_headers,
             extensions={"timeout": self._timeouts},
         )
-        response = self._transport_for_url(request.url).handle_request(request)
+        pick = getattr(self, _TRANSPORT_LOOKUP, None)
+        if pick is None:  # an httpx without it: the public path, cookie jar and all
+            return self.send(request)
+        response = pick(request.url).handle_request(request)
         try:
             response.read()
         finally:

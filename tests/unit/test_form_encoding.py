@@ -102,3 +102,22 @@ def test_a_form_goes_to_the_transport_with_the_clients_headers_and_timeouts() ->
     post_form(client, "https://p.example/ocr", b"c=3")
     assert "cookie" not in seen[1].headers  # no cookie jar on this path
     client.close()
+
+
+def test_without_httpx_transport_lookup_a_form_takes_the_public_path(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The shortcut leans on httpx's private ``_transport_for_url``: an httpx without it still
+    sends every form, through ``Client.send``."""
+    import pipeline.providers.http as http
+    from pipeline.providers.http import make_client, post_form
+
+    monkeypatch.setattr(http, "_TRANSPORT_LOOKUP", "_gone_in_this_httpx")
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"code": 2})
+
+    client = make_client(5.0, httpx.MockTransport(answer))
+    assert post_form(client, "https://p.example/ocr", b"a=1") == ({"code": 2}, None, 200)
+    assert seen[0].content == b"a=1" and seen[0].extensions["timeout"]["read"] == 5.0
+    client.close()
